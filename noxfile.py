@@ -1,0 +1,79 @@
+"""Sessions: ``nox`` runs lint, tests and e2e; ``nox -s kind|cluster|benchmarks`` on demand."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.needs_version = ">=2025.2.9"
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["lint", "tests", "e2e"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+PACKAGES = ("-e", "runner", "-e", ".")
+
+
+def _install(session: nox.Session, group: str, *extra: str) -> None:
+    session.install(*PACKAGES, "--group", group, *extra)
+
+
+def _pytest(session: nox.Session, *args: str) -> None:
+    """Run pytest; exit code 5 (nothing collected) is a failure with its own message."""
+    try:
+        session.run("pytest", *args, *session.posargs)
+    except nox.command.CommandFailed:
+        raise
+    # pytest returns 5 when it collected nothing; nox already treats every
+    # non-zero code as failure, so an empty selection cannot pass silently.
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff (with the ASYNC rules) and mypy --strict."""
+    _install(session, "lint")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Unit tests and local-backend integration tests (no cluster needed)."""
+    _install(session, "test")
+    _pytest(session, "tests/unit", "tests/integration", "-m", "not k8s and not stores")
+
+
+@nox.session(python=PYTHON)
+def e2e(session: nox.Session) -> None:
+    """The end-to-end suite against the test cluster and the object-store emulators."""
+    _install(session, "e2e")
+    session.run("python", "-m", "tests.cluster", "build")
+    _pytest(session, "tests", "-m", "k8s or stores")
+
+
+@nox.session(python=PYTHON, default=False)
+def kind(session: nox.Session) -> None:
+    """The same end-to-end suite against a kind cluster (needs Docker and kind on PATH)."""
+    _install(session, "e2e")
+    env = {"ASCEND_TEST_CLUSTER": "kind"}
+    session.run("python", "-m", "tests.cluster", "kind-up", env=env)
+    try:
+        _pytest(session, "tests", "-m", "k8s or stores")
+    finally:
+        session.run("python", "-m", "tests.cluster", "kind-down", env=env)
+
+
+@nox.session(python=PYTHON, default=False)
+def cluster(session: nox.Session) -> None:
+    """``nox -s cluster -- up`` starts the test cluster and stores in the background; ``-- down`` stops them."""
+    _install(session, "e2e")
+    session.run("python", "-m", "tests.cluster", *(session.posargs or ["up"]))
+
+
+@nox.session(python=PYTHON, default=False)
+def benchmarks(session: nox.Session) -> None:
+    """Benchmarks; figures go to benchmarks/results/."""
+    _install(session, "e2e")
+    session.run("python", "-m", "benchmarks", *session.posargs, env={"PYTHONPATH": os.getcwd()})
