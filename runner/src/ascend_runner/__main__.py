@@ -1,0 +1,184 @@
+"""Run one pickled call (or one chunk of a map) and publish its result once.
+
+Invoked as ``python -u -m ascend_runner`` with the environment described in
+:mod:`ascend_runner.protocol`. Exit codes are :class:`~ascend_runner.protocol.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from ascend_runner import _storage
+from ascend_runner import protocol as p
+
+
+class _Abort(Exception):
+    """Stop the runner with a reserved exit code and a last diagnostic line."""
+
+    def __init__(self, code: p.ExitCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _say(message: str) -> None:
+    print(f"{p.DIAGNOSTIC_PREFIX}{message}", file=sys.stderr, flush=True)
+
+
+def _load(url: str, what: str, key: bytes | None, options: dict[str, Any]) -> Any:
+    try:
+        data = _storage.read_bytes(url, options)
+    except Exception as exc:
+        raise _Abort(
+            p.ExitCode.PACKAGE_UNREADABLE, f"cannot read the {what} {url}: {exc!r}"
+        ) from exc
+    try:
+        header, offset = p.read_header(data)
+        mismatch = p.version_mismatch(header, p.runtime_versions())
+        if mismatch is not None:
+            raise _Abort(p.ExitCode.VERSION_MISMATCH, f"VersionMismatch: {mismatch}")
+        pickled, buffers = p.split_body(data, header, offset, key=key)
+    except p.EnvelopeError as exc:
+        raise _Abort(p.ExitCode.PACKAGE_UNREADABLE, f"refusing the {what} {url}: {exc}") from exc
+    import cloudpickle
+
+    try:
+        return cloudpickle.loads(pickled, buffers=buffers)
+    except Exception as exc:
+        raise _Abort(
+            p.ExitCode.PACKAGE_UNREADABLE,
+            f"cannot unpickle the {what} {url}: {exc!r} (is a module the function needs "
+            "missing from the image? add it to requirements=[...])",
+        ) from exc
+
+
+def _error_payload(exc: BaseException) -> dict[str, Any]:
+    import cloudpickle
+
+    # Drop the runner's own frame so the traceback starts in the user's code.
+    tb = "".join(
+        traceback.format_exception(
+            type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None
+        )
+    )
+    try:
+        pickled: bytes | None = cloudpickle.dumps(exc) if isinstance(exc, Exception) else None
+    except Exception:
+        pickled = None
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": tb,
+        "exception": pickled,
+    }
+
+
+def _outcome(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], key: bytes | None
+) -> tuple[list[p.Buffer], bool]:
+    """Run the function; returns the encoded result and whether it raised."""
+    import cloudpickle
+
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:
+        payload: tuple[str, Any] = ("error", _error_payload(exc))
+        failed = True
+    else:
+        payload, failed = ("ok", p.lift_large_bytes(value)), False
+    buffers: list[Any] = []
+    try:
+        pickled = cloudpickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", repr(fn))
+        import pickle
+
+        error = pickle.PicklingError(f"the return value of {name}() cannot be pickled: {exc!r}")
+        buffers = []
+        pickled = cloudpickle.dumps(("error", _error_payload(error)), protocol=5)
+        failed = True
+    raws = [b.raw() for b in buffers]
+    return p.encode("result", pickled, raws, key=key), failed
+
+
+def _publish(url: str, parts: list[p.Buffer], options: dict[str, Any], attempt: str) -> None:
+    try:
+        if not _storage.publish_once(url, parts, options, attempt):
+            _say(f"a result is already published at {url}; this attempt's result is dropped")
+    except Exception as exc:
+        raise _Abort(
+            p.ExitCode.RESULT_UNWRITABLE, f"cannot write the result {url}: {exc!r}"
+        ) from exc
+
+
+def _run(env: os._Environ[str] | dict[str, str]) -> int:
+    package_uri = env.get(p.ENV_PACKAGE_URI)
+    result_uri = env.get(p.ENV_RESULT_URI)
+    input_uri = env.get(p.ENV_INPUT_URI)
+    results_uri = env.get(p.ENV_RESULTS_URI)
+    if not package_uri or not (result_uri or (input_uri and results_uri)):
+        raise _Abort(
+            p.ExitCode.BAD_INVOCATION,
+            f"set {p.ENV_PACKAGE_URI} and either {p.ENV_RESULT_URI} or "
+            f"{p.ENV_INPUT_URI} + {p.ENV_RESULTS_URI}",
+        )
+    try:
+        options = p.load_json_env(env.get(p.ENV_STORAGE_OPTIONS))
+        key = bytes.fromhex(env[p.ENV_SIGNING_KEY]) if env.get(p.ENV_SIGNING_KEY) else None
+    except ValueError as exc:
+        raise _Abort(p.ExitCode.BAD_INVOCATION, f"malformed environment: {exc}") from exc
+    attempt = env.get(p.ENV_ATTEMPT) or str(os.getpid())
+    skip_done = env.get(p.ENV_SKIP_DONE) == "1"
+
+    package = _load(package_uri, "package", key, options)
+    fn = package["fn"]
+    work: list[tuple[int | None, tuple[Any, ...], dict[str, Any], str]] = []
+    if result_uri:
+        work.append((None, package["args"], package["kwargs"], result_uri))
+    else:
+        assert input_uri is not None and results_uri is not None
+        index = env.get(p.ENV_INDEX) or env.get(p.ENV_COMPLETION_INDEX)
+        if index is None:
+            raise _Abort(
+                p.ExitCode.BAD_INVOCATION,
+                f"a map chunk needs {p.ENV_INDEX} or {p.ENV_COMPLETION_INDEX}",
+            )
+        chunk = _load(input_uri.replace("{index}", index), "input", key, options)
+        base = results_uri.rstrip("/")
+        for offset, (args, kwargs) in enumerate(chunk["items"]):
+            item = chunk["first"] + offset
+            work.append((item, args, kwargs, f"{base}/{item}.pkl"))
+
+    any_failed = False
+    for item, args, kwargs, url in work:
+        if skip_done and _storage.exists(url, options):
+            continue
+        if item is not None and len(work) > 1:
+            _say(f"item {item}")  # lets the client attribute the output that follows
+        parts, failed = _outcome(fn, args, kwargs, key)
+        any_failed |= failed
+        _publish(url, parts, options, attempt)
+    sys.stdout.flush()
+    return p.ExitCode.USER_EXCEPTION if any_failed else p.ExitCode.OK
+
+
+def main() -> NoReturn:
+    """Entry point of ``python -m ascend_runner`` and the ``ascend-runner`` script."""
+    # Output must reach the log stream line by line even without ``python -u``.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
+    try:
+        code = _run(os.environ)
+    except _Abort as abort:
+        _say(str(abort))
+        code = abort.code
+    sys.exit(int(code))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Reading packages and publishing results, on local files or through fsspec.
+
+Local paths (``file://`` URLs and bare paths) are handled with plain file calls so a
+local run never pays for importing fsspec; every other URL goes to ``_objectstore``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ascend_runner.protocol import Buffer
+
+
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local URL, or ``None`` for any other store."""
+    if url.startswith("file://"):
+        return unquote(urlsplit(url).path)
+    if "://" not in url:
+        return url
+    return None
+
+
+def read_bytes(url: str, options: dict[str, Any]) -> Buffer:
+    """The whole object; a ``bytearray`` for local files so unpickled arrays are writable."""
+    path = local_path(url)
+    if path is None:
+        from ascend_runner import _objectstore
+
+        return _objectstore.read_bytes(url, options)
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(data)
+        return data
+
+
+def exists(url: str, options: dict[str, Any]) -> bool:
+    path = local_path(url)
+    if path is None:
+        import fsspec
+
+        fs, fs_path = fsspec.core.url_to_fs(url, **options)
+        return bool(fs.exists(fs_path))
+    return os.path.exists(path)
+
+
+def publish_once(url: str, parts: Sequence[Buffer], options: dict[str, Any], attempt: str) -> bool:
+    """Publish ``parts`` at ``url`` unless something is already there.
+
+    Returns ``False`` (and leaves the published object untouched) when another attempt
+    got there first. Local files: the attempt writes its own file, then ``os.link``
+    creates the final name atomically and fails if it exists; a reader never sees a
+    partial result and a second writer never replaces the first.
+    """
+    path = local_path(url)
+    if path is None:
+        from ascend_runner import _objectstore
+
+        return _objectstore.publish_once(url, list(parts), options)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    staging = os.path.join(folder, f".{os.path.basename(path)}.{attempt}.{os.getpid()}")
+    with open(staging, "wb") as f:
+        for part in parts:
+            f.write(part)
+    try:
+        os.link(staging, path)
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+    return True

@@ -1,0 +1,290 @@
+"""The contract between the ascend client and this runner.
+
+Everything both sides must agree on lives here and nowhere else: the environment
+variables that tell the runner what to do, its exit codes, and the envelope that
+wraps every pickle in storage.
+
+Envelope layout (all integers big-endian)::
+
+    b"ASCEND\\x01\\n"            8 bytes of magic, the last-but-one byte is the format version
+    header length              4 bytes
+    header                     UTF-8 JSON: kind, python, cloudpickle, pickle length,
+                               out-of-band buffer lengths, signature
+    pickle                     protocol-5 pickle stream
+    buffer 0 .. buffer n-1     out-of-band buffers, back to back
+
+The header can be read without unpickling anything, so the runner refuses a package
+made by another Python or cloudpickle *before* running a single byte of it, and the
+HMAC signature (over the header fields and the body) is checked before unpickling.
+
+This module imports only the standard library: the runner starts once per call and
+every import is paid for in latency.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import pickle
+import struct
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+MAGIC: Final = b"ASCEND\x01\n"
+_LENGTH = struct.Struct(">I")
+
+Buffer = bytes | bytearray | memoryview
+
+# Environment variables read by the runner.
+ENV_PACKAGE_URI: Final = "ASCEND_PACKAGE_URI"
+"""The function (and, for a single call, its arguments)."""
+ENV_RESULT_URI: Final = "ASCEND_RESULT_URI"
+"""Where a single call publishes its result."""
+ENV_INPUT_URI: Final = "ASCEND_INPUT_URI"
+"""For a map: the chunk of inputs to run; ``{index}`` is replaced by the chunk index."""
+ENV_RESULTS_URI: Final = "ASCEND_RESULTS_URI"
+"""For a map: the folder where item ``i`` publishes ``{i}.pkl``."""
+ENV_INDEX: Final = "ASCEND_INDEX"
+"""For a map: the chunk index; Kubernetes Indexed Jobs set ``JOB_COMPLETION_INDEX`` instead."""
+ENV_COMPLETION_INDEX: Final = "JOB_COMPLETION_INDEX"
+ENV_STORAGE_OPTIONS: Final = "ASCEND_STORAGE_OPTIONS"
+"""JSON object of fsspec storage options (never credentials: those come as cloud env vars)."""
+ENV_SIGNING_KEY: Final = "ASCEND_SIGNING_KEY"
+"""Hex key for the HMAC over packages and results; when set, unsigned packages are refused."""
+ENV_ATTEMPT: Final = "ASCEND_ATTEMPT"
+"""A name for this attempt (pod name, or a counter on the local backend)."""
+ENV_SKIP_DONE: Final = "ASCEND_SKIP_DONE"
+"""When ``1``, items whose result is already published are not run again (retries)."""
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of the runner. Everything from 80 up is reserved by ascend.
+
+    Kubernetes is told (through the Job's pod failure policy) not to retry any of the
+    reserved codes: a user exception or a broken package fails the same way every time.
+    """
+
+    OK = 0
+    """Every item ran and its result is published."""
+    USER_EXCEPTION = 81
+    """The function raised; the exception is published as the result."""
+    PACKAGE_UNREADABLE = 82
+    """The package or input could not be read, verified or unpickled."""
+    VERSION_MISMATCH = 83
+    """The package was made by another Python major.minor or cloudpickle version."""
+    RESULT_UNWRITABLE = 84
+    """The result could not be written to storage."""
+    BAD_INVOCATION = 85
+    """The runner was started without the environment it needs."""
+
+    @classmethod
+    def reserved(cls) -> list[int]:
+        """The codes a retry cannot fix."""
+        return [int(code) for code in cls if code is not cls.OK]
+
+
+DIAGNOSTIC_PREFIX: Final = "ascend-runner: "
+"""The runner's own stderr lines start with this; the last one names the failure."""
+
+
+def runtime_versions() -> dict[str, str]:
+    """The Python major.minor and cloudpickle version of this interpreter."""
+    from importlib.metadata import version
+
+    return {
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "cloudpickle": version("cloudpickle"),
+    }
+
+
+class EnvelopeError(Exception):
+    """Bytes that are not a valid ascend envelope (truncated, foreign, tampered)."""
+
+
+class SignatureError(EnvelopeError):
+    """The envelope's HMAC does not match: it was not written by a holder of the key."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an envelope says about itself before anything is unpickled."""
+
+    kind: str
+    python: str
+    cloudpickle: str
+    pickle_length: int
+    buffer_lengths: tuple[int, ...]
+    signature: str | None = None
+
+    def _signed_fields(self) -> bytes:
+        fields = [self.kind, self.python, self.cloudpickle, self.pickle_length, self.buffer_lengths]
+        return json.dumps(fields, separators=(",", ":")).encode()
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "python": self.python,
+                "cloudpickle": self.cloudpickle,
+                "pickle_length": self.pickle_length,
+                "buffer_lengths": list(self.buffer_lengths),
+                "signature": self.signature,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | memoryview) -> Header:
+        try:
+            data = json.loads(bytes(raw))
+            return cls(
+                kind=str(data["kind"]),
+                python=str(data["python"]),
+                cloudpickle=str(data["cloudpickle"]),
+                pickle_length=int(data["pickle_length"]),
+                buffer_lengths=tuple(int(n) for n in data["buffer_lengths"]),
+                signature=data.get("signature"),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EnvelopeError(f"unreadable envelope header: {exc}") from exc
+
+
+def _mac(key: bytes, header: Header, body: Sequence[Buffer]) -> str:
+    mac = hmac.new(key, header._signed_fields(), hashlib.sha256)
+    for part in body:
+        mac.update(part)
+    return mac.hexdigest()
+
+
+def encode(
+    kind: str,
+    pickled: Buffer,
+    buffers: Sequence[Buffer] = (),
+    *,
+    key: bytes | None = None,
+    versions: dict[str, str] | None = None,
+) -> list[Buffer]:
+    """Wrap a pickle and its out-of-band buffers; returns the parts to write in order.
+
+    The parts are not joined, so a large buffer is never copied on its way to storage.
+    """
+    versions = versions or runtime_versions()
+    views = [memoryview(b).cast("B") for b in buffers]
+    header = Header(
+        kind=kind,
+        python=versions["python"],
+        cloudpickle=versions["cloudpickle"],
+        pickle_length=len(pickled),
+        buffer_lengths=tuple(v.nbytes for v in views),
+    )
+    if key is not None:
+        signature = _mac(key, header, [pickled, *views])
+        header = replace(header, signature=signature)
+    raw_header = header.to_bytes()
+    return [MAGIC, _LENGTH.pack(len(raw_header)), raw_header, pickled, *views]
+
+
+def read_header(data: Buffer) -> tuple[Header, int]:
+    """Parse the header; returns it and the offset where the pickle starts."""
+    view = memoryview(data)
+    if bytes(view[: len(MAGIC)]) != MAGIC:
+        raise EnvelopeError("not an ascend envelope (bad magic bytes)")
+    start = len(MAGIC) + _LENGTH.size
+    if len(view) < start:
+        raise EnvelopeError("truncated envelope")
+    (length,) = _LENGTH.unpack(view[len(MAGIC) : start])
+    header = Header.from_bytes(view[start : start + length])
+    return header, start + length
+
+
+def split_body(
+    data: Buffer, header: Header, offset: int, *, key: bytes | None
+) -> tuple[memoryview, list[memoryview]]:
+    """Return the pickle and buffers of an envelope, after checking size and signature."""
+    view = memoryview(data)
+    expected = offset + header.pickle_length + sum(header.buffer_lengths)
+    if len(view) != expected:
+        raise EnvelopeError(f"envelope is {len(view)} bytes, its header promises {expected}")
+    pickled = view[offset : offset + header.pickle_length]
+    buffers: list[memoryview] = []
+    position = offset + header.pickle_length
+    for length in header.buffer_lengths:
+        buffers.append(view[position : position + length])
+        position += length
+    if key is not None:
+        if header.signature is None:
+            raise SignatureError("envelope is not signed, but a signing key is configured")
+        if not hmac.compare_digest(header.signature, _mac(key, header, [pickled, *buffers])):
+            raise SignatureError("envelope signature does not match its contents")
+    return pickled, buffers
+
+
+def version_mismatch(header: Header, ours: dict[str, str]) -> str | None:
+    """A message naming both sides' versions when they differ, else ``None``."""
+    if header.python == ours["python"] and header.cloudpickle == ours["cloudpickle"]:
+        return None
+    return (
+        f"the {header.kind} was made by Python {header.python} with cloudpickle "
+        f"{header.cloudpickle}, but this runner has Python {ours['python']} with cloudpickle "
+        f"{ours['cloudpickle']}. Fix: run with the runner image for Python {header.python} "
+        f"(image=... or ASCEND_IMAGE) and install cloudpickle=={ours['cloudpickle']} on the "
+        f"client, or cloudpickle=={header.cloudpickle} in the image."
+    )
+
+
+LARGE_BYTES: Final = 1 << 20
+"""``bytes`` of at least this size travel as out-of-band pickle buffers."""
+
+
+class _OutOfBandBytes:
+    """Stands in for a large ``bytes`` so pickle protocol 5 ships it out of band.
+
+    Pickle never offers plain ``bytes`` to a reducer hook, so large ones are swapped for
+    this wrapper before pickling; it unpickles back to plain ``bytes``.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        if isinstance(protocol, int) and protocol >= 5:
+            return (bytes, (pickle.PickleBuffer(self.data),))
+        return (bytes, (self.data,))
+
+
+def lift_large_bytes(value: Any) -> Any:
+    """Swap large ``bytes`` at the top level of a value (or of a tuple, list or dict)."""
+    if type(value) is bytes:
+        return _OutOfBandBytes(value) if len(value) >= LARGE_BYTES else value
+    if type(value) in (tuple, list):
+        return (
+            type(value)(lift_large_bytes(v) for v in value)
+            if any(type(v) is bytes and len(v) >= LARGE_BYTES for v in value)
+            else value
+        )
+    if type(value) is dict:
+        return {k: lift_large_bytes(v) for k, v in value.items()}
+    return value
+
+
+def parse_indexes(spec: str) -> Iterator[int]:
+    """Expand a Kubernetes-style index list such as ``"0-3,7,9-10"``."""
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        first, _, last = part.partition("-")
+        yield from range(int(first), int(last or first) + 1)
+
+
+def load_json_env(value: str | None) -> dict[str, Any]:
+    """Decode an optional JSON object from an environment variable."""
+    if not value:
+        return {}
+    decoded = json.loads(value)
+    if not isinstance(decoded, dict):
+        raise ValueError("expected a JSON object")
+    return decoded

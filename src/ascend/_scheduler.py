@@ -1,0 +1,281 @@
+"""The scheduler: one event loop in a daemon thread runs every job's I/O.
+
+Callers never run ascend's I/O on their own loop or thread: a plain script, a thread
+pool, ``asyncio.run`` and a Jupyter kernel all hand work to this loop (with
+``asyncio.run_coroutine_threadsafe``) and get futures back. At interpreter exit,
+calls still running are cancelled and their processes stopped, unless they were
+submitted with ``detach=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import datetime
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import structlog
+
+from ascend import _serialization
+from ascend._config import Settings
+from ascend._errors import AscendError, ResultMissing
+from ascend._future import Future
+from ascend._progress import Tracker
+from ascend._storage import Storage
+from ascend.backends import Backend, Job, create_backend
+from ascend_runner import protocol
+
+log = structlog.get_logger("ascend")
+
+_SHUTDOWN_TIMEOUT = 10.0
+
+
+class _JobRun:
+    """One submitted job on the loop: upload, run on the backend, collect results.
+
+    It is the backend's :class:`~ascend.backends.JobObserver`.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        job: Job,
+        backend_name: str,
+        futures: Sequence[Future[Any]],
+        package: list[protocol.Buffer],
+        inputs: Sequence[list[protocol.Buffer]],
+        tracker: Tracker | None,
+    ) -> None:
+        self._scheduler = scheduler
+        self.job = job
+        self._backend_name = backend_name
+        self._futures = list(futures)
+        self._package: list[protocol.Buffer] | None = package
+        self._inputs: Sequence[list[protocol.Buffer]] | None = inputs
+        self._tracker = tracker
+        self._handle: concurrent.futures.Future[None] | None = None
+        self._cancel_requested = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._storage: Storage | None = None
+        self.stopped = threading.Event()
+        for fut in self._futures:
+            fut._cancel_hook = self._item_cancelled
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handle = asyncio.run_coroutine_threadsafe(self._main(), loop)
+        if self._cancel_requested:
+            self._handle.cancel()
+
+    def cancel(self) -> None:
+        """Cancel every item of the job and stop its remote work."""
+        for fut in self._futures:
+            fut.cancel()
+
+    def _item_cancelled(self) -> None:
+        if all(f.done() for f in self._futures):
+            self._cancel_requested = True
+            if self._handle is not None:
+                self._handle.cancel()
+
+    async def _main(self) -> None:
+        self._scheduler._runs.add(self)
+        try:
+            self._storage = self._scheduler.storage(self.job.settings)
+            backend = self._scheduler.backend(self.job.settings, self._backend_name)
+            await self._upload(self._storage)
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await backend.run(self.job, self)
+        except Exception as exc:
+            error = exc
+            if not isinstance(exc, AscendError):
+                log.exception("job failed unexpectedly", job=self.job.job_id)
+                error = AscendError(f"{self.job.name} (job {self.job.job_id}) failed: {exc!r}")
+                error.__cause__ = exc
+            for fut in self._futures:
+                fut._fail(error)
+        finally:
+            for fut in self._futures:
+                fut._log.close()
+            self._scheduler._runs.discard(self)
+            self.stopped.set()
+
+    async def _upload(self, storage: Storage) -> None:
+        job = self.job
+        package, inputs = self._package, self._inputs
+        assert package is not None and inputs is not None
+        self._package = self._inputs = None  # the bytes are not needed once stored
+        hashes = {"package.pkl": _serialization.digest(package)}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(storage.write, job.paths.package, package)
+            for index, parts in enumerate(inputs):
+                tg.start_soon(storage.write, job.paths.input(index), parts)
+        meta = {
+            "job_id": job.job_id,
+            "function": job.name,
+            "kind": "map" if job.is_map else "call",
+            "items": job.n_items,
+            "chunks": len(job.units),
+            "backend": self._backend_name,
+            "resources": job.resources.to_json(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(),
+            "client": {
+                **protocol.runtime_versions(),
+                "ascend": _version(),
+                "platform": sys.platform,
+            },
+            "hashes": hashes,
+        }
+        await storage.write_json(job.paths.meta, meta)
+
+    # -- JobObserver -------------------------------------------------------------------
+
+    def log(self, item: int, line: str) -> None:
+        fut = self._futures[item]
+        fut._log.append(line)
+        if self.job.settings.stream_logs:
+            tag = f"{self.job.job_id}#{item}" if self.job.is_map else self.job.job_id
+            print(f"[{tag}] {line}", flush=True)
+
+    def started(self, items: range) -> None:
+        count = 0
+        for i in items:
+            if not self._futures[i].done():
+                self._futures[i]._set_status("running")
+                count += 1
+        if self._tracker is not None and count:
+            self._tracker.started(count)
+
+    def finished(self, items: range) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(self._collect, items)
+
+    def failed(self, items: range, error: AscendError) -> None:
+        for i in items:
+            self._futures[i]._fail(error)
+
+    def wanted(self, items: range) -> bool:
+        return any(not self._futures[i].done() for i in items)
+
+    # -- results -----------------------------------------------------------------------
+
+    async def _collect(self, items: range) -> None:
+        async with anyio.create_task_group() as tg:
+            for i in items:
+                if not self._futures[i].done():
+                    tg.start_soon(self._collect_one, i)
+
+    async def _collect_one(self, index: int) -> None:
+        job, fut = self.job, self._futures[index]
+        assert self._storage is not None
+        url = job.paths.item_result(index) if job.is_map else job.paths.result
+        where = f"{job.name} (job {job.job_id}{f', item {index}' if job.is_map else ''})"
+        try:
+            data = await self._storage.read(url)
+            status, payload = _serialization.decode(data, f"the result of {where}", job.signing_key)
+        except FileNotFoundError:
+            fut._fail(
+                ResultMissing(
+                    f"{where} finished, but no result was published at {url}. Check that "
+                    "the runner and this client use the same storage URL."
+                )
+            )
+            return
+        except AscendError as exc:
+            fut._fail(exc)
+            return
+        if status == "ok":
+            fut._resolve(payload)
+        else:
+            fut._fail(_serialization.rebuild_exception(payload, where))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ascend-k8s")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Scheduler:
+    """Owns the loop thread, one storage client per store and one backend per config."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._runs: set[_JobRun] = set()
+        self._storages: dict[tuple[str, str], Storage] = {}
+        self._backends: dict[tuple[str, int], Backend] = {}
+        self._thread = threading.Thread(target=self._serve, name="ascend-scheduler", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _serve(self) -> None:
+        anyio.run(self._main, backend="asyncio")
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._ready.set()
+        await self._stopping.wait()
+
+    def storage(self, settings: Settings) -> Storage:
+        key = (settings.storage, repr(sorted(settings.storage_options.items())))
+        if key not in self._storages:
+            self._storages[key] = Storage(settings.storage, settings.storage_options)
+        return self._storages[key]
+
+    def backend(self, settings: Settings, name: str) -> Backend:
+        key = (name, settings.max_workers)
+        if key not in self._backends:
+            self._backends[key] = create_backend(settings, name)
+        return self._backends[key]
+
+    def submit(self, run: _JobRun) -> None:
+        assert self._loop is not None
+        run.start(self._loop)
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._runs)
+
+    def shutdown(self, timeout: float = _SHUTDOWN_TIMEOUT) -> None:
+        """Cancel running jobs (except detached ones), wait for their cleanup, stop the loop."""
+        if self._loop is None or not self._thread.is_alive() or self.pid != os.getpid():
+            return
+        runs = [r for r in list(self._runs) if not r.job.settings.detach]
+        for run in runs:
+            run.cancel()
+        deadline = time.monotonic() + timeout
+        for run in runs:
+            run.stopped.wait(max(deadline - time.monotonic(), 0))
+        if self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(timeout=2)
+
+
+_lock = threading.Lock()
+_scheduler: Scheduler | None = None
+
+
+def get_scheduler() -> Scheduler:
+    """The process-wide scheduler, started on first use (and again in a forked child)."""
+    global _scheduler
+    with _lock:
+        if _scheduler is None or _scheduler.pid != os.getpid():
+            _scheduler = Scheduler()
+            atexit.register(_scheduler.shutdown)
+        return _scheduler

@@ -1,0 +1,167 @@
+"""Pickling calls and unpickling results.
+
+Functions and arguments are pickled with cloudpickle, protocol 5, with large buffers
+(NumPy arrays, large ``bytes``) out of band. Modules that are not installed packages —
+the user's own helper files — are pickled by value, so code imported from the working
+directory works in a pod that has never seen it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sys
+import sysconfig
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+
+from ascend._config import _config_home
+from ascend._errors import (
+    IntegrityError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+)
+from ascend_runner import protocol
+
+_INSTALLED_ROOTS = tuple(
+    {
+        str(Path(p).resolve())
+        for key in ("stdlib", "platstdlib", "purelib", "platlib")
+        if (p := sysconfig.get_paths().get(key))
+    }
+    | {str(Path(sys.prefix).resolve()), str(Path(sys.base_prefix).resolve())}
+)
+_by_value_lock = threading.Lock()
+_by_value_seen: set[str] = set()
+_modules_checked = 0
+
+
+def _is_user_module(module: ModuleType) -> bool:
+    """True for modules loaded from files outside the interpreter's installation."""
+    name = module.__name__
+    if name == "__main__" or name.split(".")[0] in ("ascend", "ascend_runner"):
+        return False
+    spec_file = getattr(module, "__file__", None)
+    if not spec_file:
+        return False
+    try:
+        path = str(Path(spec_file).resolve())
+    except (OSError, RuntimeError):
+        return False
+    return not path.startswith(_INSTALLED_ROOTS)
+
+
+def register_user_modules() -> None:
+    """Make cloudpickle pickle every user module by value (cached until imports change)."""
+    global _modules_checked
+    if len(sys.modules) == _modules_checked:
+        return
+    with _by_value_lock:
+        for name, module in list(sys.modules.items()):
+            if name in _by_value_seen or not isinstance(module, ModuleType):
+                continue
+            _by_value_seen.add(name)
+            if _is_user_module(module):
+                cloudpickle.register_pickle_by_value(module)
+        _modules_checked = len(sys.modules)
+
+
+def dumps(value: Any, what: str) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``value``; returns the stream and the out-of-band buffers."""
+    register_user_modules()
+    buffers: list[memoryview] = []
+    try:
+        pickled = cloudpickle.dumps(
+            protocol.lift_large_bytes(value),
+            protocol=5,
+            buffer_callback=lambda b: buffers.append(b.raw()),
+        )
+    except Exception as exc:
+        raise SerializationError(
+            f"{what} cannot be pickled: {exc!r}. Fix: pass plain data (numbers, strings, "
+            "lists, dicts, arrays) or objects that pickle; open files, locks, sockets and "
+            "clients must be created inside the remote function."
+        ) from exc
+    return pickled, buffers
+
+
+def encode(kind: str, value: Any, what: str, key: bytes) -> list[protocol.Buffer]:
+    pickled, buffers = dumps(value, what)
+    return protocol.encode(kind, pickled, buffers, key=key)
+
+
+def digest(parts: Sequence[protocol.Buffer]) -> str:
+    sha = hashlib.sha256()
+    for part in parts:
+        sha.update(part)
+    return f"sha256:{sha.hexdigest()}"
+
+
+def decode(data: protocol.Buffer, what: str, key: bytes) -> Any:
+    """Check and unpickle an envelope written by the runner."""
+    try:
+        header, offset = protocol.read_header(data)
+        pickled, buffers = protocol.split_body(data, header, offset, key=key)
+    except protocol.EnvelopeError as exc:
+        raise IntegrityError(
+            f"{what} was refused before unpickling: {exc}. It was not written by an ascend "
+            "runner holding this user's signing key; delete it or rerun the call."
+        ) from exc
+    try:
+        return cloudpickle.loads(pickled, buffers=buffers)
+    except Exception as exc:
+        raise SerializationError(
+            f"{what} cannot be unpickled here: {exc!r}. Fix: install on this machine the "
+            "packages whose objects the function returns."
+        ) from exc
+
+
+def rebuild_exception(info: dict[str, Any], where: str) -> BaseException:
+    """The remote exception as its own type where possible, else a RemoteError."""
+    text = str(info.get("traceback") or "")
+    raw = info.get("exception")
+    error: BaseException | None = None
+    if raw is not None:
+        try:
+            candidate = cloudpickle.loads(raw)
+        except Exception:
+            candidate = None
+        if isinstance(candidate, BaseException):
+            error = candidate
+    if error is None:
+        return RemoteError(str(info.get("type")), str(info.get("message")), text)
+    error.__cause__ = RemoteTraceback(text)
+    error.add_note(f"(raised remotely in {where}; the remote traceback is shown above)")
+    return error
+
+
+def signing_key() -> bytes:
+    """This user's key for signing packages and verifying results (created on first use).
+
+    Stored in ``$XDG_CONFIG_HOME/ascend/signing-key`` with mode 0600, or taken from
+    ``ASCEND_SIGNING_KEY`` (hex) when set.
+    """
+    env = os.environ.get(protocol.ENV_SIGNING_KEY)
+    if env:
+        return bytes.fromhex(env)
+    path = _config_home() / "ascend" / "signing-key"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first: use theirs
+        return bytes.fromhex(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex())
+    return key

@@ -1,0 +1,196 @@
+"""Object storage through fsspec's async interface, and where each job keeps its files.
+
+Layout under the configured ``storage`` URL::
+
+    projects/{project}/users/{user}/jobs/{job_id}/
+        meta.json          what ran: function, resources, versions, content hashes
+        package.pkl        the function (and, for a single call, its arguments)
+        result.pkl         a single call's result, published once by the runner
+        inputs/{chunk}.pkl a map's inputs, one file per chunk
+        results/{i}.pkl    a map item's result, published once
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import fsspec
+from fsspec.asyn import AsyncFileSystem
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+from ascend._errors import StorageError
+from ascend_runner.protocol import Buffer
+
+_CONCURRENCY = 32
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """Every storage URL of one job."""
+
+    root: str
+
+    @classmethod
+    def of(cls, user_prefix: str, job_id: str) -> JobPaths:
+        return cls(f"{user_prefix}/jobs/{job_id}")
+
+    @property
+    def meta(self) -> str:
+        return f"{self.root}/meta.json"
+
+    @property
+    def package(self) -> str:
+        return f"{self.root}/package.pkl"
+
+    @property
+    def result(self) -> str:
+        return f"{self.root}/result.pkl"
+
+    def input(self, chunk: int | str) -> str:
+        return f"{self.root}/inputs/{chunk}.pkl"
+
+    @property
+    def results(self) -> str:
+        return f"{self.root}/results"
+
+    def item_result(self, index: int) -> str:
+        return f"{self.results}/{index}.pkl"
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+class Storage:
+    """Async reads and writes of whole objects under one fsspec URL root.
+
+    The filesystem is created lazily on the event loop that uses it (async fsspec
+    filesystems are bound to their loop). Concurrency is capped; errors become
+    :class:`~ascend.StorageError` naming the URL, except ``FileNotFoundError``.
+    """
+
+    def __init__(self, root: str, options: Mapping[str, Any]) -> None:
+        self.root = root.rstrip("/")
+        self.protocol = protocol_of(root)
+        self._options = dict(options)
+        self._fs: AsyncFileSystem | None = None
+        self._limiter = anyio.CapacityLimiter(_CONCURRENCY)
+        self._lock = anyio.Lock()
+
+    async def _filesystem(self) -> AsyncFileSystem:
+        if self._fs is not None:
+            return self._fs
+        async with self._lock:
+            if self._fs is None:
+                try:
+                    cls = fsspec.get_filesystem_class(self.protocol)
+                except (ImportError, ValueError) as exc:
+                    raise StorageError(
+                        f"storage {self.root!r}: no filesystem for '{self.protocol}://': {exc}. "
+                        "Fix: install the extra, e.g. pip install 'ascend-k8s[s3]' (s3), "
+                        "[gcs] (gs) or [azure] (az)."
+                    ) from exc
+                if getattr(cls, "async_impl", False):
+                    fs = cls(asynchronous=True, **self._options)
+                    if hasattr(fs, "set_session"):
+                        await fs.set_session()
+                else:
+                    fs = AsyncFileSystemWrapper(cls(**self._options), asynchronous=True)
+                self._fs = fs
+        assert self._fs is not None
+        return self._fs
+
+    def _path(self, fs: AsyncFileSystem, url: str) -> str:
+        return str(fs._strip_protocol(url))
+
+    async def write(self, url: str, parts: Sequence[Buffer]) -> None:
+        """Write an object from parts, without joining them first on local files."""
+        fs = await self._filesystem()
+        path = self._path(fs, url)
+        async with self._limiter:
+            try:
+                if isinstance(fs, AsyncFileSystemWrapper):
+                    await anyio.to_thread.run_sync(_write_parts, fs.sync_fs, path, parts)
+                else:
+                    await fs._pipe_file(path, b"".join(parts))
+            except Exception as exc:
+                raise StorageError(f"cannot write {url}: {exc!r}") from exc
+
+    async def write_json(self, url: str, value: Any) -> None:
+        await self.write(url, [json.dumps(value, indent=2, sort_keys=True).encode()])
+
+    async def read(self, url: str) -> Buffer:
+        """The whole object. Raises ``FileNotFoundError`` if it does not exist."""
+        fs = await self._filesystem()
+        path = self._path(fs, url)
+        async with self._limiter:
+            try:
+                if isinstance(fs, AsyncFileSystemWrapper):
+                    return await anyio.to_thread.run_sync(_read_all, fs.sync_fs, path)
+                data: bytes = await fs._cat_file(path)
+                return data
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                raise StorageError(f"cannot read {url}: {exc!r}") from exc
+
+    async def read_json(self, url: str) -> Any:
+        return json.loads(bytes(await self.read(url)))
+
+    async def exists(self, url: str) -> bool:
+        fs = await self._filesystem()
+        async with self._limiter:
+            try:
+                return bool(await fs._exists(self._path(fs, url)))
+            except Exception as exc:
+                raise StorageError(f"cannot check {url}: {exc!r}") from exc
+
+    async def list(self, url: str) -> list[str]:
+        """Names (not paths) directly under ``url``; empty if it does not exist."""
+        fs = await self._filesystem()
+        path = self._path(fs, url)
+        async with self._limiter:
+            try:
+                entries = await fs._ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+            except Exception as exc:
+                raise StorageError(f"cannot list {url}: {exc!r}") from exc
+        return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    async def delete(self, url: str, *, recursive: bool = False) -> None:
+        fs = await self._filesystem()
+        async with self._limiter:
+            try:
+                await fs._rm(self._path(fs, url), recursive=recursive)
+            except FileNotFoundError:
+                pass
+            except Exception as exc:
+                raise StorageError(f"cannot delete {url}: {exc!r}") from exc
+
+
+def _write_parts(fs: Any, path: str, parts: Sequence[Buffer]) -> None:
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        for part in parts:
+            f.write(part)
+
+
+def _read_all(fs: Any, path: str) -> Buffer:
+    with fs.open(path, "rb") as f:
+        size = fs.size(path)
+        if size is None:
+            return bytes(f.read())
+        data = bytearray(size)
+        view = memoryview(data)
+        filled = 0
+        while filled < size:
+            n = f.readinto(view[filled:])
+            if not n:
+                break
+            filled += n
+        return data if filled == size else data[:filled]

@@ -1,0 +1,101 @@
+"""Backends run jobs: they start the runner somewhere and report what happens.
+
+A backend implements :class:`Backend`. The scheduler has already uploaded the job's
+package and inputs; the backend starts the runner for each work unit, tells the
+:class:`JobObserver` about output lines, starts, published results and failures, and
+returns when every unit is accounted for. Cancelling the task that runs
+:meth:`Backend.run` must stop the remote work.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ascend._config import Settings
+from ascend._errors import AscendError, ConfigError
+from ascend._resources import Resources
+from ascend._storage import JobPaths
+from ascend_runner import protocol
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """What one runner process (or pod) does: one call, or one chunk of a map."""
+
+    index: int
+    items: range
+
+
+@dataclass(frozen=True)
+class Job:
+    """A submitted call or map, as the backend sees it."""
+
+    job_id: str
+    name: str
+    resources: Resources
+    settings: Settings
+    paths: JobPaths
+    is_map: bool
+    units: tuple[WorkUnit, ...]
+    signing_key: bytes = field(repr=False)
+
+    @property
+    def n_items(self) -> int:
+        return sum(len(u.items) for u in self.units)
+
+    def runner_env(self, unit: WorkUnit) -> dict[str, str]:
+        """The runner's environment for one unit (see :mod:`ascend_runner.protocol`)."""
+        env = {
+            protocol.ENV_PACKAGE_URI: self.paths.package,
+            protocol.ENV_STORAGE_OPTIONS: json.dumps(dict(self.settings.storage_options)),
+            protocol.ENV_SIGNING_KEY: self.signing_key.hex(),
+        }
+        if self.is_map:
+            env[protocol.ENV_INPUT_URI] = self.paths.input("{index}")
+            env[protocol.ENV_RESULTS_URI] = self.paths.results
+            env[protocol.ENV_INDEX] = str(unit.index)
+        else:
+            env[protocol.ENV_RESULT_URI] = self.paths.result
+        return env
+
+
+class JobObserver(Protocol):
+    """How a backend reports progress; implemented by the scheduler."""
+
+    def log(self, item: int, line: str) -> None:
+        """A line of output from the item's runner."""
+
+    def started(self, items: range) -> None:
+        """The runner for these items started."""
+
+    def finished(self, items: range) -> None:
+        """These items' results (values or exceptions) are published."""
+
+    def failed(self, items: range, error: AscendError) -> None:
+        """These items will not get a result, for the reason given."""
+
+    def wanted(self, items: range) -> bool:
+        """False when every one of these items was cancelled: skip or stop them."""
+
+
+class Backend(Protocol):
+    """Runs jobs somewhere. See the module docstring for the contract."""
+
+    name: str
+
+    async def run(self, job: Job, observer: JobObserver) -> None:
+        """Run every unit of ``job``, reporting through ``observer``."""
+
+
+def create_backend(settings: Settings, name: str) -> Backend:
+    """A new backend instance for ``name`` (the scheduler keeps one per configuration)."""
+    if name == "local":
+        from ascend.backends._local import LocalBackend
+
+        return LocalBackend(max_workers=settings.max_workers)
+    raise ConfigError(
+        f"backend {name!r} is not available in this version of ascend. "
+        "Fix: use backend='local' (the default)."
+    )

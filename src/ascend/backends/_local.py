@@ -1,0 +1,235 @@
+"""The local backend: each work unit is the runner in a fresh subprocess.
+
+Exactly the runner that runs in pods, started as ``python -u -m ascend_runner`` in its
+own process group, so timeouts and cancellation can stop it and everything it spawned.
+Output is read line by line as it is printed. At most ``max_workers`` processes run at
+once (default: the number of CPU cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import anyio
+import structlog
+from anyio.abc import Process
+
+from ascend._errors import (
+    AscendError,
+    DeadlineExceeded,
+    VersionMismatch,
+    WorkerFailed,
+)
+from ascend.backends import Job, JobObserver, WorkUnit
+from ascend_runner import protocol
+from ascend_runner._storage import local_path
+
+log = structlog.get_logger("ascend")
+
+_KILL_GRACE: Final = 2.0
+_TAIL_LINES: Final = 20
+_ITEM_MARKER: Final = f"{protocol.DIAGNOSTIC_PREFIX}item "
+
+
+class LocalBackend:
+    """Runs each work unit as a runner subprocess on this machine."""
+
+    name = "local"
+
+    def __init__(self, max_workers: int) -> None:
+        self._limiter = anyio.CapacityLimiter(max_workers)
+
+    async def run(self, job: Job, observer: JobObserver) -> None:
+        if local_path(job.settings.storage) is None and job.settings.storage.startswith("memory"):
+            raise AscendError(
+                f"storage {job.settings.storage!r} lives inside this process, but the local "
+                "backend runs each call in another process. Fix: use a file:// path or an "
+                "object store URL."
+            )
+        async with anyio.create_task_group() as tg:
+            for unit in job.units:
+                tg.start_soon(self._run_unit, job, unit, observer)
+
+    async def _run_unit(self, job: Job, unit: WorkUnit, observer: JobObserver) -> None:
+        async with self._limiter:
+            attempts = job.resources.retries + 1
+            for attempt in range(attempts):
+                if not observer.wanted(unit.items):
+                    return
+                error = await self._attempt(job, unit, attempt, observer)
+                if error is None:
+                    observer.finished(unit.items)
+                    return
+                retryable = not isinstance(error, VersionMismatch) and not (
+                    isinstance(error, WorkerFailed)
+                    and error.exit_code in protocol.ExitCode.reserved()
+                )
+                if not retryable or attempt + 1 == attempts:
+                    observer.failed(unit.items, error)
+                    return
+                log.warning(
+                    "retrying",
+                    job=job.job_id,
+                    unit=unit.index,
+                    attempt=attempt + 1,
+                    of=attempts,
+                    error=str(error),
+                )
+
+    async def _attempt(
+        self, job: Job, unit: WorkUnit, attempt: int, observer: JobObserver
+    ) -> AscendError | None:
+        """One runner process; returns why it failed, or None when results are published."""
+        env = {
+            **os.environ,
+            **job.resources.env,
+            **job.runner_env(unit),
+            protocol.ENV_ATTEMPT: f"local-{attempt}",
+            protocol.ENV_SKIP_DONE: "1" if attempt else "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+        detach_log = _detach_log_path(job, unit) if job.settings.detach else None
+        sink: Any = subprocess.PIPE
+        if detach_log:
+            # Detached runners outlive this process, so their output goes to a file, not a pipe.
+            sink = await anyio.to_thread.run_sync(open, detach_log, "wb")
+        try:
+            process = await anyio.open_process(
+                [sys.executable, "-u", "-m", "ascend_runner"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            if detach_log:
+                sink.close()
+        observer.started(unit.items)
+        output = _Output(unit, observer)
+        timeout = job.resources.timeout * len(unit.items) if job.resources.timeout else None
+        try:
+            with anyio.fail_after(timeout):
+                async with anyio.create_task_group() as tg:
+                    if process.stdout is not None:
+                        tg.start_soon(output.pump, process.stdout)
+                    code = await process.wait()
+        except TimeoutError:
+            await _stop(process)
+            return DeadlineExceeded(
+                f"{job.name} (job {job.job_id}) ran past its timeout of "
+                f"{job.resources.timeout:g} s per call and was stopped. Fix: raise "
+                "timeout=... or give it less work per call."
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _stop(process)
+            raise
+        finally:
+            if detach_log:
+                for line in _read_lines(detach_log):
+                    output.line(line)
+        return _diagnose(job, code, output.tail)
+
+
+class _Output:
+    """Routes a runner's output lines to the item that printed them, keeping a tail.
+
+    In a chunk the runner announces each item with a marker line before running it.
+    """
+
+    def __init__(self, unit: WorkUnit, observer: JobObserver) -> None:
+        self._observer = observer
+        self._item = unit.items.start
+        self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
+
+    def line(self, line: str) -> None:
+        if line.startswith(_ITEM_MARKER):
+            with contextlib.suppress(ValueError):
+                self._item = int(line[len(_ITEM_MARKER) :])
+            return
+        self.tail.append(line)
+        self._observer.log(self._item, line)
+
+    async def pump(self, stream: AsyncIterator[bytes]) -> None:
+        pending = b""
+        async for chunk in stream:
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                self.line(raw.decode(errors="replace").rstrip("\r"))
+        if pending:
+            self.line(pending.decode(errors="replace"))
+
+
+def _diagnose(job: Job, code: int, tail: deque[str]) -> AscendError | None:
+    if code in (protocol.ExitCode.OK, protocol.ExitCode.USER_EXCEPTION):
+        return None
+    last = "\n".join(tail)
+    reason = next(
+        (
+            line[len(protocol.DIAGNOSTIC_PREFIX) :]
+            for line in reversed(tail)
+            if line.startswith(protocol.DIAGNOSTIC_PREFIX)
+        ),
+        "",
+    )
+    where = f"{job.name} (job {job.job_id})"
+    if code == protocol.ExitCode.VERSION_MISMATCH:
+        return VersionMismatch(f"{where}: the runner refused the package: {reason}")
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        return WorkerFailed(
+            f"{where}: the runner process was killed by {name}. Last output:\n{last}",
+            exit_code=128 - code,
+            logs=last,
+        )
+    if code in protocol.ExitCode.reserved():
+        meaning = protocol.ExitCode(code).name.lower().replace("_", " ")
+        return WorkerFailed(
+            f"{where}: the runner failed ({meaning}, exit code {code}): {reason}",
+            exit_code=code,
+            logs=last,
+        )
+    return WorkerFailed(
+        f"{where}: the runner process exited with code {code} without publishing a result. "
+        f"Last output:\n{last}",
+        exit_code=code,
+        logs=last,
+    )
+
+
+async def _stop(process: Process) -> None:
+    """SIGTERM the process group, SIGKILL it after a grace period, reap the process."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+        with anyio.move_on_after(_KILL_GRACE):
+            await process.wait()
+            # The leader is gone; make sure nothing it spawned survives it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            return
+
+
+def _detach_log_path(job: Job, unit: WorkUnit) -> str:
+    folder = local_path(job.paths.root)
+    if folder is None:
+        import tempfile
+
+        folder = os.path.join(tempfile.gettempdir(), "ascend", job.job_id)
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"output-{unit.index}.log")
+
+
+def _read_lines(path: str) -> list[str]:
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return f.read().decode(errors="replace").splitlines()
+    return []
