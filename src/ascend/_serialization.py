@@ -9,7 +9,9 @@ directory works in a pod that has never seen it.
 from __future__ import annotations
 
 import hashlib
+import linecache
 import os
+import re
 import secrets
 import sys
 import sysconfig
@@ -38,7 +40,7 @@ _INSTALLED_ROOTS = tuple(
     }
     | {str(Path(sys.prefix).resolve()), str(Path(sys.base_prefix).resolve())}
 )
-_by_value_lock = threading.Lock()
+_lock = threading.Lock()
 _by_value_seen: set[str] = set()
 _modules_checked = 0
 
@@ -63,7 +65,7 @@ def register_user_modules() -> None:
     global _modules_checked
     if len(sys.modules) == _modules_checked:
         return
-    with _by_value_lock:
+    with _lock:
         for name, module in list(sys.modules.items()):
             if name in _by_value_seen or not isinstance(module, ModuleType):
                 continue
@@ -123,9 +125,27 @@ def decode(data: protocol.Buffer, what: str, key: bytes) -> Any:
         ) from exc
 
 
+_DYNAMIC_FRAME = re.compile(r'^(\s*)File "<dynamic-code:([\w.]+)>", line (\d+), in (.*)$', re.M)
+
+
+def _with_local_sources(text: str) -> str:
+    """Point frames of code shipped by value back at this machine's files and source lines."""
+
+    def replace(match: re.Match[str]) -> str:
+        indent, module_name, lineno, function = match.groups()
+        path = getattr(sys.modules.get(module_name), "__file__", None)
+        if not path:
+            return f'{indent}File "<{module_name}>", line {lineno}, in {function}'
+        frame = f'{indent}File "{path}", line {lineno}, in {function}'
+        source = linecache.getline(path, int(lineno)).strip()
+        return f"{frame}\n{indent}  {source}" if source else frame
+
+    return _DYNAMIC_FRAME.sub(replace, text)
+
+
 def rebuild_exception(info: dict[str, Any], where: str) -> BaseException:
     """The remote exception as its own type where possible, else a RemoteError."""
-    text = str(info.get("traceback") or "")
+    text = _with_local_sources(str(info.get("traceback") or ""))
     raw = info.get("exception")
     error: BaseException | None = None
     if raw is not None:
@@ -142,6 +162,9 @@ def rebuild_exception(info: dict[str, Any], where: str) -> BaseException:
     return error
 
 
+_keys: dict[Path, bytes] = {}
+
+
 def signing_key() -> bytes:
     """This user's key for signing packages and verifying results (created on first use).
 
@@ -152,16 +175,28 @@ def signing_key() -> bytes:
     if env:
         return bytes.fromhex(env)
     path = _config_home() / "ascend" / "signing-key"
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it first: use theirs
-        return bytes.fromhex(path.read_text().strip())
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex())
+    with _lock:
+        if path not in _keys:
+            _keys[path] = _load_or_create_key(path)
+        return _keys[path]
+
+
+def _load_or_create_key(path: Path) -> bytes:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".signing-key.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_bytes(32).hex())
+        try:
+            os.link(staging, path)  # atomic: a concurrent creator's key wins, never half a key
+        except FileExistsError:
+            pass
+        finally:
+            staging.unlink()
+    key = bytes.fromhex(path.read_text().strip())
+    if len(key) < 16:
+        raise IntegrityError(
+            f"the signing key in {path} is too short; delete the file to renew it."
+        )
     return key

@@ -55,15 +55,36 @@ def _load(url: str, what: str, key: bytes | None, options: dict[str, Any]) -> An
         ) from exc
 
 
+def _format_traceback(exc: BaseException) -> str:
+    """The traceback text, minus the runner's own frame.
+
+    cloudpickle names the file of code it shipped by value ``<dynamic-code>``; each
+    such frame is labelled with its module so the client can show the source lines
+    from its own copy of the file.
+    """
+    tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+    formatted = traceback.TracebackException(type(exc), exc, tb)
+    todo: list[tuple[traceback.TracebackException, BaseException, Any]] = [(formatted, exc, tb)]
+    while todo:
+        summary, error, error_tb = todo.pop()
+        for frame_summary, (frame, _) in zip(
+            summary.stack, traceback.walk_tb(error_tb), strict=False
+        ):
+            if frame_summary.filename == "<dynamic-code>":
+                module = frame.f_globals.get("__name__", "?")
+                frame_summary.filename = f"<dynamic-code:{module}>"
+        for chained_summary, chained in (
+            (summary.__cause__, error.__cause__),
+            (summary.__context__, error.__context__),
+        ):
+            if chained_summary is not None and chained is not None:
+                todo.append((chained_summary, chained, chained.__traceback__))
+    return "".join(formatted.format())
+
+
 def _error_payload(exc: BaseException) -> dict[str, Any]:
     import cloudpickle
 
-    # Drop the runner's own frame so the traceback starts in the user's code.
-    tb = "".join(
-        traceback.format_exception(
-            type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None
-        )
-    )
     try:
         pickled: bytes | None = cloudpickle.dumps(exc) if isinstance(exc, Exception) else None
     except Exception:
@@ -71,7 +92,7 @@ def _error_payload(exc: BaseException) -> dict[str, Any]:
     return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "message": str(exc),
-        "traceback": tb,
+        "traceback": _format_traceback(exc),
         "exception": pickled,
     }
 

@@ -1,0 +1,29 @@
+"""Shared fixtures. Test-infrastructure fixtures come from the plugins listed here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import ascend
+from ascend import _config
+
+pytest_plugins: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def isolated_ascend(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """Each test gets its own config dir, cache dir and storage folder, and no ASCEND_* env."""
+    home = tmp_path_factory.mktemp("ascend-home")
+    for var in [*_config._ENV.values(), "ASCEND_SIGNING_KEY"]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
+    _config.reset()
+    ascend.configure(stream_logs=False, progress=False)
+    yield home
+    _config.reset()

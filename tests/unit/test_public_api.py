@@ -1,0 +1,50 @@
+import inspect
+
+import ascend
+
+EXPECTED = {
+    "AscendError",
+    "ConfigError",
+    "DeadlineExceeded",
+    "Future",
+    "IntegrityError",
+    "LogStream",
+    "MapFuture",
+    "Progress",
+    "RemoteError",
+    "RemoteFunction",
+    "Resources",
+    "ResultMissing",
+    "SerializationError",
+    "Settings",
+    "StorageError",
+    "VersionMismatch",
+    "WorkerFailed",
+    "as_completed",
+    "configure",
+    "gather",
+    "remote",
+    "wait",
+}
+
+
+def test_public_surface_is_exactly_the_documented_names() -> None:
+    assert set(ascend.__all__) == EXPECTED
+    public = {n for n in dir(ascend) if not n.startswith("_")} - {"backends"}
+    assert public == EXPECTED
+
+
+def test_public_objects_are_documented_and_report_the_ascend_module() -> None:
+    for name in ascend.__all__:
+        obj = getattr(ascend, name)
+        assert inspect.getdoc(obj), f"ascend.{name} has no docstring"
+        assert obj.__module__ == "ascend", f"ascend.{name}.__module__ is {obj.__module__}"
+
+
+def test_errors_form_one_hierarchy() -> None:
+    for name in ascend.__all__:
+        obj = getattr(ascend, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, ascend.AscendError)
+    assert issubclass(ascend.DeadlineExceeded, TimeoutError)
+    assert issubclass(ascend.ConfigError, ValueError)
