@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from concurrent.futures import _base
 from typing import Any, Generic, Literal, TypeVar
 
 T = TypeVar("T")
@@ -163,8 +164,19 @@ class Future(concurrent.futures.Future[T]):
 
     def cancel(self) -> bool:
         """Cancel the call and stop its remote work; False if it had already finished."""
-        if not super().cancel():
-            return False
+        # What Future.cancel() and set_running_or_notify_cancel() do together, in one
+        # step: a call is never "RUNNING" in the executor sense, so waiters in
+        # concurrent.futures.wait/as_completed must be told at once.
+        with self._condition:
+            if self._state in (_base.FINISHED, _base.RUNNING):
+                return False
+            if self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
+                return True
+            self._state = _base.CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         self._log.close()
         hook, self._cancel_hook = self._cancel_hook, None
         if hook is not None:

@@ -24,6 +24,7 @@ every import is paid for in latency.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import json
@@ -91,13 +92,14 @@ DIAGNOSTIC_PREFIX: Final = "ascend-runner: "
 """The runner's own stderr lines start with this; the last one names the failure."""
 
 
+@functools.cache
 def runtime_versions() -> dict[str, str]:
     """The Python major.minor and cloudpickle version of this interpreter."""
-    from importlib.metadata import version
+    import cloudpickle
 
     return {
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-        "cloudpickle": version("cloudpickle"),
+        "cloudpickle": str(cloudpickle.__version__),
     }
 
 

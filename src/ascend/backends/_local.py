@@ -36,6 +36,19 @@ log = structlog.get_logger("ascend")
 _KILL_GRACE: Final = 2.0
 _TAIL_LINES: Final = 20
 _ITEM_MARKER: Final = f"{protocol.DIAGNOSTIC_PREFIX}item "
+_RUNNER: Final = [sys.executable, "-u", "-m", "ascend_runner"]
+# asyncio kills a still-running child when its loop closes at interpreter exit. A
+# detached call therefore runs the runner under this launcher: only the launcher dies
+# then, and the runner, in the same process group, carries on. The launcher passes the
+# runner's exit code or signal through, so diagnosis is unchanged.
+_DETACHED: Final = [
+    sys.executable,
+    "-c",
+    "import os, subprocess, sys\n"
+    f"code = subprocess.call({_RUNNER!r})\n"
+    "if code < 0:\n    os.kill(os.getpid(), -code)\n"
+    "sys.exit(code)\n",
+]
 
 
 class LocalBackend:
@@ -102,7 +115,7 @@ class LocalBackend:
             sink = await anyio.to_thread.run_sync(open, detach_log, "wb")
         try:
             process = await anyio.open_process(
-                [sys.executable, "-u", "-m", "ascend_runner"],
+                _DETACHED if detach_log else _RUNNER,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=sink,
@@ -129,8 +142,11 @@ class LocalBackend:
                 "timeout=... or give it less work per call."
             )
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _stop(process)
+            # A detached call whose items are still wanted is being left behind at exit:
+            # let it run. A cancelled call is stopped, detached or not.
+            if not (job.settings.detach and observer.wanted(unit.items)):
+                with anyio.CancelScope(shield=True):
+                    await _stop(process)
             raise
         finally:
             if detach_log:
