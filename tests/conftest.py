@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 import ascend
@@ -27,3 +28,21 @@ def isolated_ascend(
     ascend.configure(stream_logs=False, progress=False)
     yield home
     _config.reset()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_runner_outlives_the_tests() -> Iterator[None]:
+    """Fail the run if any runner process started by these tests is left behind."""
+    yield
+    me = psutil.Process()
+    leftovers = []
+    for child in me.children(recursive=True):
+        try:
+            if "ascend_runner" in " ".join(child.cmdline()):
+                leftovers.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    _gone, alive = psutil.wait_procs(leftovers, timeout=15)
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"runner processes outlived their calls: {[p.pid for p in alive]}"

@@ -258,7 +258,10 @@ class Scheduler:
             return
         runs = [r for r in list(self._runs) if not r.job.settings.detach]
         for run in runs:
-            run.cancel()
+            try:
+                run.cancel()
+            except Exception:  # one broken job must not keep the others' processes alive
+                log.exception("cancelling at exit failed", job=run.job.job_id)
         deadline = time.monotonic() + timeout
         for run in runs:
             run.stopped.wait(max(deadline - time.monotonic(), 0))

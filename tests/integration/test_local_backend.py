@@ -349,3 +349,17 @@ def test_job_folder_has_the_documented_layout(isolated_ascend: Path) -> None:
     assert meta["function"].endswith("add") and meta["kind"] == "call"
     assert meta["client"]["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
     assert meta["hashes"]["package.pkl"].startswith("sha256:")
+
+
+def test_cancelling_right_after_submitting_leaves_no_process_behind() -> None:
+    futures = []
+    for i in range(30):  # cancel at different moments of the process start
+        fut = sleeper(600)
+        time.sleep(i * 0.002)
+        fut.cancel()
+        futures.append(fut)
+    ascend.wait(futures, timeout=60)
+    me = psutil.Process()
+    runners = [c for c in me.children(recursive=True) if "ascend_runner" in " ".join(c.cmdline())]
+    _gone, alive = psutil.wait_procs(runners, timeout=15)
+    assert not alive, "a cancel that raced the process start left the process running"

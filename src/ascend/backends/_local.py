@@ -114,14 +114,17 @@ class LocalBackend:
             # Detached runners outlive this process, so their output goes to a file, not a pipe.
             sink = await anyio.to_thread.run_sync(open, detach_log, "wb")
         try:
-            process = await anyio.open_process(
-                _DETACHED if detach_log else _RUNNER,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            # Shielded: a cancel arriving mid-spawn must not lose track of the new process;
+            # it is delivered at the next await, inside the try below that stops it.
+            with anyio.CancelScope(shield=True):
+                process = await anyio.open_process(
+                    _DETACHED if detach_log else _RUNNER,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
         finally:
             if detach_log:
                 sink.close()
@@ -135,7 +138,8 @@ class LocalBackend:
                         tg.start_soon(output.pump, process.stdout)
                     code = await process.wait()
         except TimeoutError:
-            await _stop(process)
+            with anyio.CancelScope(shield=True):
+                await _stop(process)
             return DeadlineExceeded(
                 f"{job.name} (job {job.job_id}) ran past its timeout of "
                 f"{job.resources.timeout:g} s per call and was stopped. Fix: raise "
