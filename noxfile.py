@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import nox
 
 nox.needs_version = ">=2025.2.9"
@@ -13,20 +11,17 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
 PACKAGES = ("-e", "runner", "-e", ".")
+E2E_SELECTION = ("tests", "-m", "k8s or stores")
 
 
-def _install(session: nox.Session, group: str, *extra: str) -> None:
-    session.install(*PACKAGES, "--group", group, *extra)
+def _install(session: nox.Session, group: str) -> None:
+    session.install(*PACKAGES, "--group", group)
 
 
 def _pytest(session: nox.Session, *args: str) -> None:
-    """Run pytest; exit code 5 (nothing collected) is a failure with its own message."""
-    try:
-        session.run("pytest", *args, *session.posargs)
-    except nox.command.CommandFailed:
-        raise
-    # pytest returns 5 when it collected nothing; nox already treats every
-    # non-zero code as failure, so an empty selection cannot pass silently.
+    """Run pytest. Exit code 5 (nothing collected) fails like any other non-zero code:
+    a selection that matches no test is a broken selection, never a pass."""
+    session.run("pytest", *args, *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -40,9 +35,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Unit tests and local-backend integration tests (no cluster needed)."""
+    """Unit, local-backend integration and notebook tests (no cluster needed)."""
     _install(session, "test")
-    _pytest(session, "tests/unit", "tests/integration", "-m", "not k8s and not stores")
+    _pytest(session, "tests", "-m", "not k8s and not stores")
 
 
 @nox.session(python=PYTHON)
@@ -50,7 +45,7 @@ def e2e(session: nox.Session) -> None:
     """The end-to-end suite against the test cluster and the object-store emulators."""
     _install(session, "e2e")
     session.run("python", "-m", "tests.cluster", "build")
-    _pytest(session, "tests", "-m", "k8s or stores")
+    _pytest(session, *E2E_SELECTION)
 
 
 @nox.session(python=PYTHON, default=False)
@@ -60,20 +55,20 @@ def kind(session: nox.Session) -> None:
     env = {"ASCEND_TEST_CLUSTER": "kind"}
     session.run("python", "-m", "tests.cluster", "kind-up", env=env)
     try:
-        _pytest(session, "tests", "-m", "k8s or stores")
+        _pytest(session, *E2E_SELECTION)
     finally:
         session.run("python", "-m", "tests.cluster", "kind-down", env=env)
 
 
 @nox.session(python=PYTHON, default=False)
 def cluster(session: nox.Session) -> None:
-    """``nox -s cluster -- up`` starts the test cluster and stores in the background; ``-- down`` stops them."""
+    """``nox -s cluster -- up`` starts the test cluster and stores; ``-- down`` stops them."""
     _install(session, "e2e")
     session.run("python", "-m", "tests.cluster", *(session.posargs or ["up"]))
 
 
 @nox.session(python=PYTHON, default=False)
 def benchmarks(session: nox.Session) -> None:
-    """Benchmarks; figures go to benchmarks/results/."""
+    """Benchmarks; figures go to benchmarks/results/ (``-- local`` for one suite)."""
     _install(session, "e2e")
-    session.run("python", "-m", "benchmarks", *session.posargs, env={"PYTHONPATH": os.getcwd()})
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -10,7 +10,6 @@ import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from ascend_runner.protocol import Buffer
 
@@ -18,7 +17,12 @@ from ascend_runner.protocol import Buffer
 def local_path(url: str) -> str | None:
     """The filesystem path of a local URL, or ``None`` for any other store."""
     if url.startswith("file://"):
-        return unquote(urlsplit(url).path)
+        path = url[len("file://") :]
+        if "%" in path:  # only percent-encoded paths pay for importing urllib
+            from urllib.parse import unquote
+
+            path = unquote(path)
+        return path
     if "://" not in url:
         return url
     return None

@@ -32,7 +32,6 @@ import pickle
 import struct
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
 from typing import Any, Final
 
 MAGIC: Final = b"ASCEND\x01\n"
@@ -111,16 +110,30 @@ class SignatureError(EnvelopeError):
     """The envelope's HMAC does not match: it was not written by a holder of the key."""
 
 
-@dataclass(frozen=True)
 class Header:
-    """What an envelope says about itself before anything is unpickled."""
+    """What an envelope says about itself before anything is unpickled.
 
-    kind: str
-    python: str
-    cloudpickle: str
-    pickle_length: int
-    buffer_lengths: tuple[int, ...]
-    signature: str | None = None
+    A plain class rather than a dataclass: the runner imports this module on every call,
+    and building a dataclass costs more start-up time than the rest of the module.
+    """
+
+    __slots__ = ("buffer_lengths", "cloudpickle", "kind", "pickle_length", "python", "signature")
+
+    def __init__(
+        self,
+        kind: str,
+        python: str,
+        cloudpickle: str,
+        pickle_length: int,
+        buffer_lengths: tuple[int, ...],
+        signature: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.python = python
+        self.cloudpickle = cloudpickle
+        self.pickle_length = pickle_length
+        self.buffer_lengths = buffer_lengths
+        self.signature = signature
 
     def _signed_fields(self) -> bytes:
         fields = [self.kind, self.python, self.cloudpickle, self.pickle_length, self.buffer_lengths]
@@ -184,8 +197,7 @@ def encode(
         buffer_lengths=tuple(v.nbytes for v in views),
     )
     if key is not None:
-        signature = _mac(key, header, [pickled, *views])
-        header = replace(header, signature=signature)
+        header.signature = _mac(key, header, [pickled, *views])
     raw_header = header.to_bytes()
     return [MAGIC, _LENGTH.pack(len(raw_header)), raw_header, pickled, *views]
 

@@ -1,0 +1,1 @@
+"""ascend's benchmarks: ratios against baselines measured in the same run."""
