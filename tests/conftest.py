@@ -14,6 +14,12 @@ from ascend import _config
 pytest_plugins: list[str] = []
 
 
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests run on asyncio, the loop ascend's users have."""
+    return "asyncio"
+
+
 @pytest.fixture(autouse=True)
 def isolated_ascend(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
