@@ -130,7 +130,7 @@ class _JobRun:
             "created": datetime.datetime.now(datetime.UTC).isoformat(),
             "client": {
                 **protocol.runtime_versions(),
-                "ascend": _version(),
+                "ascend": _CLIENT_VERSION,
                 "platform": sys.platform,
             },
             "hashes": hashes,
@@ -206,6 +206,10 @@ def _version() -> str:
         return version("ascend-k8s")
     except PackageNotFoundError:
         return "unknown"
+
+
+# Read once at import: importlib.metadata stats files, which must not happen on the loop.
+_CLIENT_VERSION = _version()
 
 
 class Scheduler:

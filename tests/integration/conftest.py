@@ -1,0 +1,26 @@
+"""Integration tests run with a blocking-call detector on every event loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from blockbuster import BlockBuster, blockbuster_ctx
+
+# Submitting a call is synchronous and may be done from async code. Its only file I/O
+# happens once per process: loading the settings and the signing key on first use.
+_FIRST_USE_READS = [
+    ("ascend/_serialization.py", {"_load_or_create_key"}),
+    ("ascend/_config.py", {"_layers", "_find_pyproject", "_read_toml"}),
+]
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail any blocking call made on a running event loop: ascend's own loop thread
+    included, so a stray file read or sleep in the scheduler or a backend fails the test."""
+    with blockbuster_ctx() as detector:
+        for function in detector.functions.values():
+            for filename, names in _FIRST_USE_READS:
+                function.can_block_in(filename, names)
+        yield detector
