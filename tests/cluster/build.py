@@ -21,11 +21,15 @@ from pathlib import Path
 GO_MODULE = Path(__file__).parent / "go"
 
 
+# Resolved once: tests point XDG_CACHE_HOME at temporary folders while they run.
+_CACHE_ROOT = Path(
+    os.environ.get("ASCEND_TESTCLUSTER_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ascend-testcluster"
+)
+
+
 def cache_root() -> Path:
-    return Path(
-        os.environ.get("ASCEND_TESTCLUSTER_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ascend-testcluster"
-    )
+    return _CACHE_ROOT
 
 
 def kubernetes_version() -> str:
