@@ -11,7 +11,7 @@ import pytest
 import ascend
 from ascend import _config
 
-pytest_plugins = ["tests.cluster.fixtures_k8s"]
+pytest_plugins = ["tests.cluster.fixtures_k8s", "tests.cluster.fixtures_stores"]
 
 
 @pytest.fixture(scope="session")

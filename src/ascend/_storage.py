@@ -95,7 +95,9 @@ class Storage:
                         "[gcs] (gs) or [azure] (az)."
                     ) from exc
                 if getattr(cls, "async_impl", False):
-                    fs = cls(asynchronous=True, **self._options)
+                    # Not from fsspec's instance cache: an async filesystem belongs to the
+                    # loop that made it, and another Storage may live on another loop.
+                    fs = cls(asynchronous=True, skip_instance_cache=True, **self._options)
                     if hasattr(fs, "set_session"):
                         await fs.set_session()
                 else:

@@ -1,0 +1,109 @@
+"""The real emulators: fsspec round trips, the storage contract, create-only publishing,
+and calls whose packages and results live in each cloud store."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+import uuid
+
+import pytest
+
+import ascend
+from ascend_runner import _objectstore
+from tests.cluster.stores import Registry, Store
+from tests.integration.storage_contract import StorageContract
+
+pytestmark = pytest.mark.stores
+
+
+def test_round_trip_with_only_env_and_options(cloud_store: Store, store_prefix: str) -> None:
+    fs = cloud_store.filesystem()
+    path = f"{store_prefix}/a/b.bin"
+    fs.pipe(path, b"payload")
+    assert fs.cat(path) == b"payload"
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{store_prefix}/a")] == ["b.bin"]
+    fs.rm(path)
+    assert not fs.exists(path)
+
+
+def test_publish_once_keeps_the_first_writer(cloud_store: Store, store_prefix: str) -> None:
+    url, options = f"{store_prefix}/result.pkl", cloud_store.storage_options
+    assert _objectstore.publish_once(url, [b"first"], options) is True
+    assert _objectstore.publish_once(url, [b"second"], options) is False
+    assert _objectstore.read_bytes(url, options) == b"first"
+
+
+def test_racing_publishers_publish_exactly_once(cloud_store: Store, store_prefix: str) -> None:
+    url, options = f"{store_prefix}/race.pkl", cloud_store.storage_options
+    results: list[bool] = []
+    barrier = threading.Barrier(6)
+
+    def publish(i: int) -> None:
+        barrier.wait()
+        results.append(_objectstore.publish_once(url, [f"writer {i}".encode()], options))
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1
+    assert _objectstore.read_bytes(url, options).startswith(b"writer ")
+
+
+def test_missing_object_is_file_not_found(cloud_store: Store, store_prefix: str) -> None:
+    with pytest.raises(FileNotFoundError):
+        _objectstore.read_bytes(f"{store_prefix}/missing", cloud_store.storage_options)
+
+
+def test_a_call_runs_with_its_package_and_result_in_the_store(
+    cloud_store: Store, store_prefix: str
+) -> None:
+    ascend.configure(storage=store_prefix, storage_options=cloud_store.storage_options)
+
+    @ascend.remote
+    def where(x: int) -> str:
+        import os
+
+        return f"{x} via {os.environ['ASCEND_PACKAGE_URI'].split('://')[0]}"
+
+    scheme = cloud_store.url.split("://")[0]
+    assert where(7).result(timeout=120) == f"7 via {scheme}"
+    assert where.map([1, 2], chunksize=1).result(timeout=120) == [
+        f"1 via {scheme}",
+        f"2 via {scheme}",
+    ]
+
+
+class TestCloudStorageContract(StorageContract):
+    @pytest.fixture
+    def root(self, cloud_store: Store) -> tuple[str, dict]:
+        return f"{cloud_store.url}/contract-{uuid.uuid4().hex}", dict(cloud_store.storage_options)
+
+
+def test_registry_serves_the_v2_api_and_stores_a_blob(oci_registry: Registry) -> None:
+    import hashlib
+
+    with urllib.request.urlopen(f"http://{oci_registry.url}/v2/", timeout=10) as response:
+        assert response.status == 200
+    blob = b"ascend test layer"
+    digest = f"sha256:{hashlib.sha256(blob).hexdigest()}"
+    start = urllib.request.Request(
+        f"http://{oci_registry.url}/v2/ascend/test/blobs/uploads/", method="POST"
+    )
+    with urllib.request.urlopen(start, timeout=10) as response:
+        location = response.headers["Location"]
+    separator = "&" if "?" in location else "?"
+    put = urllib.request.Request(
+        f"{location}{separator}digest={digest}",
+        data=blob,
+        method="PUT",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    with urllib.request.urlopen(put, timeout=10) as response:
+        assert response.status == 201
+    with urllib.request.urlopen(
+        f"http://{oci_registry.url}/v2/ascend/test/blobs/{digest}", timeout=10
+    ) as response:
+        assert response.read() == blob
