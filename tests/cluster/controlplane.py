@@ -14,7 +14,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import weakref
 from pathlib import Path
 
 from tests.cluster import build, pki
@@ -24,7 +23,9 @@ NODE_MONITOR_GRACE = "8s"
 NODE_MONITOR_PERIOD = "2s"
 TOLERATION_SECONDS = "2"
 
-_live: weakref.WeakSet[Process] = weakref.WeakSet()
+# Strong references: a process whose handle was dropped (say, by an exception during
+# start-up) must still be stopped at exit.
+_live: set[Process] = set()
 
 
 def free_port() -> int:

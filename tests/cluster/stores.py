@@ -255,6 +255,7 @@ STARTERS = {"s3": start_s3, "gcs": start_gcs, "azure": start_azure, "registry": 
 
 
 def start_all(workdir: Path) -> dict[str, Store | Registry]:
+    workdir.mkdir(parents=True, exist_ok=True)
     started: dict[str, Store | Registry] = {}
     try:
         for name, starter in STARTERS.items():
