@@ -63,6 +63,8 @@ class Settings:
         stream_logs: print each call's output, prefixed, as it arrives.
         detach: leave calls running when the interpreter exits instead of cancelling them.
         progress: show a progress bar for ``map`` (``None``: only when interactive).
+        unschedulable_grace: seconds a Kubernetes pod may stay unschedulable (an
+            autoscaler may be adding a node) before the call fails as ``Unschedulable``.
     """
 
     backend: str = "local"
@@ -79,6 +81,7 @@ class Settings:
     stream_logs: bool = True
     detach: bool = False
     progress: bool | None = None
+    unschedulable_grace: float = 30.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -96,6 +99,11 @@ class Settings:
             raise ConfigError("storage must be an fsspec URL such as 's3://bucket/ascend'.")
         if not isinstance(self.storage_options, Mapping):
             raise ConfigError("storage_options must be a mapping of fsspec options.")
+        if not isinstance(self.unschedulable_grace, int | float) or self.unschedulable_grace < 0:
+            raise ConfigError(
+                "unschedulable_grace must be a number of seconds, "
+                f"not {self.unschedulable_grace!r}."
+            )
         if not isinstance(self.max_workers, int) or self.max_workers < 1:
             raise ConfigError(f"max_workers must be a positive integer, not {self.max_workers!r}.")
 
@@ -121,6 +129,7 @@ _ENV = {
     "stream_logs": "ASCEND_STREAM_LOGS",
     "detach": "ASCEND_DETACH",
     "progress": "ASCEND_PROGRESS",
+    "unschedulable_grace": "ASCEND_UNSCHEDULABLE_GRACE",
 }
 
 
@@ -144,6 +153,8 @@ def _coerce(name: str, raw: str, source: str) -> Any:
             raise ValueError("expected true or false")
         if kind == "int":
             return int(raw)
+        if kind == "float":
+            return float(raw)
     except ValueError as exc:
         raise ConfigError(f"{source} = {raw!r} is invalid for {name}: {exc}.") from exc
     return raw

@@ -11,7 +11,11 @@ Every error is an :class:`AscendError`::
     ├── RemoteError                       a remote exception whose type cannot be rebuilt here
     ├── DeadlineExceeded (also TimeoutError)  the call ran past its ``timeout``
     ├── WorkerFailed                      the process or pod died without publishing a result
-    └── ResultMissing                     the work finished but no result was published
+    │   └── OOMKilled                     ... because it exceeded its memory limit
+    ├── ResultMissing                     the work finished but no result was published
+    ├── Unschedulable                     no node can run the call (Kubernetes)
+    ├── ImagePullError                    the runner image cannot be pulled (Kubernetes)
+    └── PermissionDenied                  Kubernetes RBAC refused a request
 
 Exceptions raised by the user's function come back as their own type (``except
 KeyError`` works), with the remote traceback attached as ``__cause__``.
@@ -82,8 +86,25 @@ class WorkerFailed(AscendError):
         self.logs = logs
 
 
+class OOMKilled(WorkerFailed):
+    """The call used more memory than its ``memory`` limit and was killed."""
+
+
 class ResultMissing(AscendError):
     """The call's work finished successfully, but no result was published."""
+
+
+class Unschedulable(AscendError):
+    """No node can run the call (too many GPUs, no matching node type, ...); carries the
+    scheduler's own explanation."""
+
+
+class ImagePullError(AscendError):
+    """The runner image cannot be pulled (wrong name, missing tag, no pull access)."""
+
+
+class PermissionDenied(AscendError):
+    """Kubernetes RBAC refused a request; the message names the permissions needed."""
 
 
 class RemoteTraceback(Exception):

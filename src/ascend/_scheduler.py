@@ -21,18 +21,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
-import structlog
 
 from ascend import _serialization
 from ascend._config import Settings
 from ascend._errors import AscendError, ResultMissing
 from ascend._future import Future
+from ascend._logging import logger
 from ascend._progress import Tracker
 from ascend._storage import Storage
 from ascend.backends import Backend, Job, create_backend
 from ascend_runner import protocol
 
-log = structlog.get_logger("ascend")
+log = logger
 
 _SHUTDOWN_TIMEOUT = 10.0
 
@@ -95,8 +95,8 @@ class _JobRun:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await backend.run(self.job, self)
-        except Exception as exc:
-            error = exc
+        except Exception as raised:
+            error = exc = _unwrap(raised)
             if not isinstance(exc, AscendError):
                 log.exception("job failed unexpectedly", job=self.job.job_id)
                 error = AscendError(f"{self.job.name} (job {self.job.job_id}) failed: {exc!r}")
@@ -197,6 +197,13 @@ class _JobRun:
             fut._resolve(payload)
         else:
             fut._fail(_serialization.rebuild_exception(payload, where))
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The one error inside (nested) single-error groups, as task groups raise them."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def _version() -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
-from tests.cluster import pki
-from tests.cluster.controlplane import ControlPlane
-from tests.cluster.nodeagent import NodeAgentProcess
+from tests.cluster import build, pki
+from tests.cluster.controlplane import ControlPlane, Process
 
 NAMESPACE = "ascend-e2e"
 USER_NAMESPACE = "ascend-e2e-user"
@@ -52,6 +55,110 @@ _RBAC = [
         ],
     },
 ]
+
+
+class NodeAgentProcess:
+    """A node agent running as its own process (so it can be killed like a machine)."""
+
+    def __init__(
+        self,
+        kubeconfig: str | Path,
+        name: str,
+        *,
+        cpu: str,
+        memory: str,
+        gpus: int = 0,
+        instance_type: str = "cpu-standard",
+        taints: tuple[str, ...] = (),
+        log_dir: Path,
+        image_map: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.kubeconfig = str(kubeconfig)
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.cluster.nodeagent",
+            "--kubeconfig",
+            self.kubeconfig,
+            "--name",
+            name,
+            "--cpu",
+            cpu,
+            "--memory",
+            memory,
+            "--gpus",
+            str(gpus),
+            "--instance-type",
+            instance_type,
+            "--log-dir",
+            str(self.log_dir),
+        ]
+        for taint in taints:
+            argv += ["--taint", taint]
+        for pattern, prefix in (image_map or {}).items():
+            argv += ["--image-map", f"{pattern}={prefix}"]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        self._process = Process(f"node-agent {name}", argv, self.log_dir / "agent.log", env=env)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.popen.pid if self._process.popen else None
+
+    @property
+    def log_path(self) -> Path:
+        return self._process.log_path
+
+    def start(self) -> NodeAgentProcess:
+        self._process.start()
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM: the agent kills its pods' processes and exits, reporting nothing."""
+        self._process.stop()
+
+    def restart(self) -> NodeAgentProcess:
+        self.stop()
+        return self.start()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait until the Node is Ready and carries no not-ready/unreachable taint."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._process.running:
+                raise RuntimeError(f"node agent {self.name} exited:\n{self._process.log_tail()}")
+            result = subprocess.run(
+                [
+                    str(build.binary_path()),
+                    "kubectl",
+                    f"--kubeconfig={self.kubeconfig}",
+                    "get",
+                    "node",
+                    self.name,
+                    "-o",
+                    "json",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode == 0:
+                node = json.loads(result.stdout)
+                ready = any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in node["status"].get("conditions", [])
+                )
+                tainted = any(
+                    t["key"].startswith("node.kubernetes.io/")
+                    for t in node["spec"].get("taints", [])
+                )
+                if ready and not tainted:
+                    return
+            time.sleep(0.3)
+        raise RuntimeError(
+            f"node {self.name} not ready after {timeout:.0f} s:\n{self._process.log_tail()}"
+        )
 
 
 class Cluster:

@@ -17,14 +17,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
 
 from tests.cluster import build, state
 from tests.cluster.cluster import NAMESPACE, USER_NAMESPACE, Cluster
+
+if TYPE_CHECKING:  # the plugin loads in every session; the client only in e2e
+    from kubernetes_asyncio import client as k8s
 
 
 @dataclass
@@ -82,6 +83,9 @@ class K8sCluster:
                 self.configuration(kubeconfig)
 
     def configuration(self, kubeconfig: Path) -> k8s.Configuration:
+        from kubernetes_asyncio import client as k8s
+        from kubernetes_asyncio import config as k8s_config
+
         if kubeconfig not in self._configs:
             configuration = k8s.Configuration()
             asyncio.run(
@@ -92,11 +96,15 @@ class K8sCluster:
 
     @contextlib.asynccontextmanager
     async def admin_api(self) -> AsyncIterator[k8s.ApiClient]:
+        from kubernetes_asyncio import client as k8s
+
         async with k8s.ApiClient(self.configuration(self.kubeconfig)) as api:
             yield api
 
     @contextlib.asynccontextmanager
     async def unprivileged_api(self) -> AsyncIterator[k8s.ApiClient]:
+        from kubernetes_asyncio import client as k8s
+
         assert self.unprivileged_kubeconfig is not None
         async with k8s.ApiClient(self.configuration(self.unprivileged_kubeconfig)) as api:
             yield api

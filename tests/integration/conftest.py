@@ -10,8 +10,11 @@ from blockbuster import BlockBuster, blockbuster_ctx
 # Submitting a call is synchronous and may be done from async code. Its only file I/O
 # happens once per process: loading the settings and the signing key on first use.
 # Opening a cloud filesystem reads the SDK's config files once per store (botocore).
+# Loading a kubeconfig runs kubernetes_asyncio's loader on a loop of its own in a worker
+# thread, never on ascend's loop.
 _FIRST_USE_READS = [
     ("ascend/_storage.py", {"_filesystem"}),
+    ("ascend/backends/_kubernetes/_client.py", {"_load_configuration"}),
     ("ascend/_serialization.py", {"_load_or_create_key"}),
     ("ascend/_config.py", {"_layers", "_find_pyproject", "_read_toml"}),
 ]

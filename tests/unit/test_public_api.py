@@ -3,6 +3,10 @@ import inspect
 import ascend
 
 EXPECTED = {
+    "ImagePullError",
+    "OOMKilled",
+    "PermissionDenied",
+    "Unschedulable",
     "AscendError",
     "ConfigError",
     "DeadlineExceeded",

@@ -95,7 +95,13 @@ def create_backend(settings: Settings, name: str) -> Backend:
         from ascend.backends._local import LocalBackend
 
         return LocalBackend(max_workers=settings.max_workers)
-    raise ConfigError(
-        f"backend {name!r} is not available in this version of ascend. "
-        "Fix: use backend='local' (the default)."
-    )
+    if name == "kubernetes":
+        try:
+            from ascend.backends._kubernetes import KubernetesBackend
+        except ImportError as exc:
+            raise ConfigError(
+                f"the kubernetes backend needs kubernetes-asyncio: {exc}. "
+                "Fix: pip install 'ascend-k8s[kubernetes]'."
+            ) from exc
+        return KubernetesBackend(settings)
+    raise ConfigError(f"backend {name!r} is unknown. Fix: use 'local' or 'kubernetes'.")

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import anyio
-import structlog
 from anyio.abc import Process
 
 from ascend._errors import (
@@ -27,11 +26,12 @@ from ascend._errors import (
     VersionMismatch,
     WorkerFailed,
 )
+from ascend._logging import logger
 from ascend.backends import Job, JobObserver, WorkUnit
 from ascend_runner import protocol
 from ascend_runner._storage import local_path
 
-log = structlog.get_logger("ascend")
+log = logger
 
 _KILL_GRACE: Final = 2.0
 _TAIL_LINES: Final = 20

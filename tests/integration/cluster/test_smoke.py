@@ -10,8 +10,6 @@ from typing import Any
 
 import psutil
 import pytest
-from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from tests.cluster.fixtures_k8s import K8sCluster, wait_until
 
@@ -84,6 +82,8 @@ def wait_job(cluster: K8sCluster, name: str, kind: str, timeout: float = 90) -> 
 
 @pytest.mark.anyio
 async def test_job_created_with_the_official_client_completes(k8s_cluster: K8sCluster) -> None:
+    from kubernetes_asyncio import client as k8s
+
     async with k8s_cluster.admin_api() as api:
         batch = k8s.BatchV1Api(api)
         await batch.create_namespaced_job(k8s_cluster.namespace, job("official", "print('hi')"))
@@ -316,6 +316,9 @@ def test_env_from_secret_and_configmap_reaches_the_process(
 async def test_unprivileged_user_is_forbidden_outside_its_namespace(
     k8s_cluster: K8sCluster,
 ) -> None:
+    from kubernetes_asyncio import client as k8s
+    from kubernetes_asyncio.client.exceptions import ApiException
+
     if k8s_cluster.unprivileged_kubeconfig is None:
         pytest.skip("the kind cluster has no unprivileged test user")
     async with k8s_cluster.unprivileged_api() as api:
@@ -376,7 +379,9 @@ async def test_watch_survives_an_apiserver_restart(k8s_cluster: K8sCluster) -> N
     """A list+watch client re-establishes its watch after kube-apiserver restarts:
     it resumes from its resourceVersion, or re-lists when told 410 Gone."""
     import anyio
+    from kubernetes_asyncio import client as k8s
     from kubernetes_asyncio import watch
+    from kubernetes_asyncio.client.exceptions import ApiException
 
     cluster = k8s_cluster.require_own_cluster("restarting kube-apiserver")
     ns = k8s_cluster.namespace

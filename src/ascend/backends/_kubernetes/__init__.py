@@ -1,0 +1,369 @@
+"""The Kubernetes backend: every call a Job, followed by shared watches.
+
+Per namespace, one watch follows this user's Jobs and one their pods, whatever the
+number of calls in flight. Each call's outcome is decided from those events as soon as
+the cause is known — scheduler refusals, image pull errors, OOM kills, deadlines, exit
+codes — and its pod's output is streamed back live. Cancelling deletes the Job
+(background propagation, UID precondition), which stops its pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+import anyio
+
+from ascend._config import Settings
+from ascend._errors import (
+    AscendError,
+    ConfigError,
+    DeadlineExceeded,
+    ImagePullError,
+    OOMKilled,
+    Unschedulable,
+    VersionMismatch,
+    WorkerFailed,
+)
+from ascend._logging import logger
+from ascend.backends import Job, JobObserver
+from ascend.backends._kubernetes import _logs
+from ascend.backends._kubernetes._client import Api, ApiError
+from ascend.backends._kubernetes._spec import (
+    LABEL_MANAGED,
+    LABEL_USER,
+    SIGNING_KEY_FIELD,
+    job_manifest,
+    signing_secret_name,
+)
+from ascend.backends._kubernetes._watch import Informer
+from ascend_runner import protocol
+
+log = logger
+
+_IMAGE_ERRORS = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"}
+_CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError"}
+_TAIL = 20
+_MAX_LOG_STREAMS = 48
+
+
+def _true_condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in obj.get("status", {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+class _Namespace:
+    """The API client and the two shared watches of one namespace."""
+
+    def __init__(self, api: Api, namespace: str, user: str) -> None:
+        self.api = api
+        self.namespace = namespace
+        selector = f"{LABEL_MANAGED}=ascend,{LABEL_USER}={user}"
+        self.jobs = Informer(api, f"/apis/batch/v1/namespaces/{namespace}/jobs", selector, "jobs")
+        self.pods = Informer(api, f"/api/v1/namespaces/{namespace}/pods", selector, "pods")
+        self.log_streams = anyio.Semaphore(_MAX_LOG_STREAMS)
+        self._tasks = [
+            asyncio.get_running_loop().create_task(i.run()) for i in (self.jobs, self.pods)
+        ]
+        self._secrets: set[str] = set()
+
+    async def ensure_signing_secret(self, job: Job) -> str:
+        """The Secret that gives pods this user's signing key (created on first use)."""
+        name = signing_secret_name(job.settings.user, job.signing_key)
+        if name in self._secrets:
+            return name
+        path = f"/api/v1/namespaces/{self.namespace}/secrets"
+        try:
+            await self.api.request("GET", f"{path}/{name}")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            secret = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": name,
+                    "labels": {LABEL_MANAGED: "ascend", LABEL_USER: job.settings.user},
+                },
+                "type": "Opaque",
+                "data": {
+                    SIGNING_KEY_FIELD: base64.b64encode(job.signing_key.hex().encode()).decode()
+                },
+            }
+            try:
+                await self.api.request("POST", path, body=secret)
+            except ApiError as race:
+                if race.status != 409:
+                    raise
+        self._secrets.add(name)
+        return name
+
+
+class _Tracker:
+    """Decides one Job's outcome from watch events, and streams its pods' output."""
+
+    def __init__(self, job: Job, observer: JobObserver, ns: _Namespace, grace: float) -> None:
+        self.job = job
+        self.observer = observer
+        self.ns = ns
+        self.grace = grace
+        self.done = anyio.Event()
+        self.error: AscendError | None = None
+        self.uid: str | None = None
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.tail: deque[str] = deque(maxlen=_TAIL)
+        self._followed: set[str] = set()
+        self._started = False
+        self._unschedulable_task: asyncio.Task[None] | None = None
+        self._where = f"{job.name} (job {job.job_id})"
+
+    # -- outcome -----------------------------------------------------------------------
+
+    def _finish(self, error: AscendError | None = None) -> None:
+        if self.done.is_set():
+            return
+        self.error = error
+        self.done.set()
+
+    def on_job(self, kind: str, obj: dict[str, Any]) -> None:
+        if self.uid and obj["metadata"].get("uid") != self.uid:
+            return  # a same-named predecessor or successor
+        if kind == "DELETED":
+            self._finish(WorkerFailed(f"{self._where}: its Job was deleted before it finished."))
+            return
+        if _true_condition(obj, "Complete") or _true_condition(obj, "SuccessCriteriaMet"):
+            self._finish()
+            return
+        failure = _true_condition(obj, "FailureTarget") or _true_condition(obj, "Failed")
+        if failure is not None:
+            self._finish(self._diagnose(failure))
+
+    def _last_termination(self) -> tuple[str, dict[str, Any]] | None:
+        latest: tuple[str, dict[str, Any]] | None = None
+        for name, pod in self.pods.items():
+            for status in pod.get("status", {}).get("containerStatuses") or []:
+                terminated = status.get("state", {}).get("terminated")
+                if terminated and (
+                    latest is None
+                    or terminated.get("finishedAt", "") >= latest[1].get("finishedAt", "")
+                ):
+                    latest = (name, terminated)
+        return latest
+
+    def _diagnose(self, condition: dict[str, Any]) -> AscendError | None:
+        """The error for a failed Job, or None when the failure is the function's own
+        exception (its result, published by the runner, says what it was)."""
+        reason = condition.get("reason", "")
+        logs = "\n".join(self.tail)
+        timed_out = reason == "DeadlineExceeded" or any(
+            p.get("status", {}).get("reason") == "DeadlineExceeded" for p in self.pods.values()
+        )
+        if timed_out:
+            return DeadlineExceeded(
+                f"{self._where} ran past its timeout of {self.job.resources.timeout:g} s and was "
+                "stopped. Fix: raise timeout=... or give it less work per call."
+            )
+        last = self._last_termination()
+        if last is None:
+            return WorkerFailed(
+                f"{self._where}: Job failed ({reason}: {condition.get('message', '')}).", logs=logs
+            )
+        pod, terminated = last
+        code = int(terminated.get("exitCode", -1))
+        if code == protocol.ExitCode.USER_EXCEPTION:
+            return None
+        if terminated.get("reason") == "OOMKilled":
+            return OOMKilled(
+                f"{self._where}: pod {pod} was killed for exceeding its memory limit of "
+                f"{self.job.resources.memory or 'the namespace default'} (OOMKilled). Fix: "
+                "raise memory=... or use less memory per call.",
+                exit_code=code,
+                logs=logs,
+            )
+        if code == protocol.ExitCode.VERSION_MISMATCH:
+            return VersionMismatch(
+                f"{self._where}: the runner in pod {pod} refused the package: "
+                f"{terminated.get('message', '').strip()}"
+            )
+        if code in protocol.ExitCode.reserved():
+            meaning = protocol.ExitCode(code).name.lower().replace("_", " ")
+            return WorkerFailed(
+                f"{self._where}: the runner in pod {pod} failed ({meaning}, exit code {code}): "
+                f"{terminated.get('message', '').strip()}",
+                exit_code=code,
+                logs=logs,
+            )
+        return WorkerFailed(
+            f"{self._where}: pod {pod} failed with exit code {code} "
+            f"({terminated.get('reason', '')}) "
+            f"without publishing a result; Job condition {reason}. Last output:\n{logs}",
+            exit_code=code,
+            logs=logs,
+        )
+
+    def on_pod(self, kind: str, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        if kind == "DELETED":
+            return
+        self.pods[name] = obj
+        status = obj.get("status", {})
+        containers = status.get("containerStatuses") or []
+        state = containers[0].get("state", {}) if containers else {}
+        waiting = state.get("waiting") or {}
+        if waiting.get("reason") in _IMAGE_ERRORS:
+            image = containers[0].get("image", "")
+            self._finish(
+                ImagePullError(
+                    f"{self._where}: pod {name} cannot pull image {image!r}: {waiting['reason']}: "
+                    f"{waiting.get('message', '')}. Fix: check that image=... / ASCEND_IMAGE "
+                    "names an image "
+                    "the cluster can pull."
+                )
+            )
+            return
+        if waiting.get("reason") in _CONFIG_ERRORS:
+            self._finish(
+                WorkerFailed(
+                    f"{self._where}: pod {name} cannot start: {waiting.get('message', '')}"
+                )
+            )
+            return
+        scheduled = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None
+        )
+        if (
+            scheduled
+            and scheduled.get("status") == "False"
+            and scheduled.get("reason") == "Unschedulable"
+        ):
+            if self._unschedulable_task is None:
+                self._unschedulable_task = asyncio.get_running_loop().create_task(
+                    self._unschedulable(name)
+                )
+        elif self._unschedulable_task is not None:
+            self._unschedulable_task.cancel()
+            self._unschedulable_task = None
+        if "running" in state or "terminated" in state:
+            if not self._started:
+                self._started = True
+                self.observer.started(range(self.job.n_items))
+            if name not in self._followed:
+                self._followed.add(name)
+                asyncio.get_running_loop().create_task(self._follow(name))
+
+    async def _unschedulable(self, pod: str) -> None:
+        # A cluster autoscaler may still add a node: wait out the grace period.
+        await anyio.sleep(self.grace)
+        obj = self.pods.get(pod, {})
+        cond: dict[str, Any] = next(
+            (
+                c
+                for c in obj.get("status", {}).get("conditions") or []
+                if c.get("type") == "PodScheduled"
+            ),
+            {},
+        )
+        if cond.get("reason") == "Unschedulable":
+            self._finish(
+                Unschedulable(
+                    f"{self._where}: no node can run pod {pod} "
+                    f"({self.job.resources.gpu or 'no'} GPU, "
+                    f"cpu={self.job.resources.cpu}, memory={self.job.resources.memory}, "
+                    f"node_type={self.job.resources.node_type}). The scheduler says: "
+                    f"{cond.get('message', '')}. Fix: ask for less, or for a node type the "
+                    "cluster has."
+                )
+            )
+
+    def _pod_running(self, name: str) -> bool:
+        phase = self.pods.get(name, {}).get("status", {}).get("phase")
+        return phase in (None, "Pending", "Running") and not self.done.is_set()
+
+    async def _follow(self, pod: str) -> None:
+        def on_line(line: str) -> None:
+            self.tail.append(line)
+            self.observer.log(0, line)
+
+        async with self.ns.log_streams:
+            await _logs.follow(
+                self.ns.api, self.ns.namespace, pod, on_line, lambda: self._pod_running(pod)
+            )
+
+
+class KubernetesBackend:
+    """Runs each call as a Kubernetes Job."""
+
+    name = "kubernetes"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._session = secrets.token_hex(4)  # labels this client process's Jobs
+        self._namespaces: dict[tuple[Any, ...], _Namespace] = {}
+        self._lock = anyio.Lock()
+
+    async def _namespace(self, settings: Settings) -> _Namespace:
+        namespace = settings.namespace or "default"
+        key = (settings.kubeconfig, settings.context, namespace, settings.user)
+        async with self._lock:
+            if key not in self._namespaces:
+                api = await Api.connect(settings)
+                self._namespaces[key] = _Namespace(api, namespace, settings.user)
+            return self._namespaces[key]
+
+    async def run(self, job: Job, observer: JobObserver) -> None:
+        if job.is_map:
+            raise ConfigError(
+                f"{job.name}.map() on the Kubernetes backend is not available in this version. "
+                "Fix: submit the calls one by one (fut = f(x) for each item) or use "
+                "backend='local'."
+            )
+        ns = await self._namespace(job.settings)
+        await ns.ensure_signing_secret(job)
+        tracker = _Tracker(job, observer, ns, job.settings.unschedulable_grace)
+        manifest = job_manifest(job, session=self._session)
+        ns.jobs.subscribe(job.job_id, tracker.on_job)
+        ns.pods.subscribe(job.job_id, tracker.on_pod)
+        try:
+            created = await ns.api.request(
+                "POST", f"/apis/batch/v1/namespaces/{ns.namespace}/jobs", body=manifest
+            )
+            tracker.uid = created["metadata"]["uid"]
+            await tracker.done.wait()
+        except BaseException:
+            if tracker.uid and not (job.settings.detach and observer.wanted(range(job.n_items))):
+                with anyio.CancelScope(shield=True):
+                    await self._delete(ns, job.job_id, tracker.uid)
+            raise
+        finally:
+            ns.jobs.unsubscribe(job.job_id)
+            ns.pods.unsubscribe(job.job_id)
+        if tracker.error is not None:
+            # Stop whatever is left (an unschedulable pod, an image that never comes).
+            await self._delete(ns, job.job_id, tracker.uid)
+            observer.failed(range(job.n_items), tracker.error)
+        else:
+            observer.finished(range(job.n_items))
+
+    async def _delete(self, ns: _Namespace, name: str, uid: str | None) -> None:
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        started = time.monotonic()
+        try:
+            await ns.api.request(
+                "DELETE", f"/apis/batch/v1/namespaces/{ns.namespace}/jobs/{name}", body=body
+            )
+        except ApiError as exc:
+            if exc.status not in (404, 409):
+                log.warning("deleting job failed", job=name, error=str(exc))
+        log.debug("job deleted", job=name, seconds=time.monotonic() - started)

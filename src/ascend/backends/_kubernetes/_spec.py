@@ -1,0 +1,207 @@
+"""The Kubernetes Job that runs a call (or, as an Indexed Job, a whole map)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Final
+
+from ascend._resources import memory_bytes
+from ascend.backends import Job
+from ascend_runner import protocol
+
+LABEL_PREFIX: Final = "ascend.dev"
+LABEL_MANAGED: Final = "app.kubernetes.io/managed-by"
+LABEL_SESSION: Final = f"{LABEL_PREFIX}/session"
+LABEL_USER: Final = f"{LABEL_PREFIX}/user"
+LABEL_PROJECT: Final = f"{LABEL_PREFIX}/project"
+LABEL_FUNCTION: Final = f"{LABEL_PREFIX}/function"
+LABEL_JOB_ID: Final = f"{LABEL_PREFIX}/job-id"
+ANNOTATION_FUNCTION: Final = f"{LABEL_PREFIX}/function"
+ANNOTATION_STORAGE: Final = f"{LABEL_PREFIX}/storage"
+CONTAINER: Final = "runner"
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+INSTANCE_TYPE: Final = "node.kubernetes.io/instance-type"
+SIGNING_KEY_FIELD: Final = "signing-key"
+RUNNER_UID: Final = 10001
+TTL_AFTER_FINISHED: Final = 3600
+# The pod's deadline is per attempt; the Job's covers every attempt plus scheduling slack.
+_JOB_DEADLINE_SLACK: Final = 600
+
+
+def default_image() -> str:
+    """The runner image for this client's Python version."""
+    return (
+        f"ghcr.io/ascend-k8s/ascend-k8s-runner:0.1.0-py"
+        f"{sys.version_info.major}.{sys.version_info.minor}"
+    )
+
+
+def label_value(text: str) -> str:
+    """A valid label value (63 chars of ``[A-Za-z0-9._-]``, alphanumeric at both ends)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:63]
+    return cleaned.strip("._-") or "x"
+
+
+def signing_secret_name(user: str, key: bytes) -> str:
+    """One Secret per user *and* key, so a user whose key changed (a new machine) never
+    has pods verify with a stale key."""
+    import hashlib
+
+    return f"ascend-signing-{user}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def labels(job: Job, session: str) -> dict[str, str]:
+    return {
+        LABEL_MANAGED: "ascend",
+        LABEL_SESSION: session,
+        LABEL_USER: job.settings.user,
+        LABEL_PROJECT: job.settings.project,
+        LABEL_FUNCTION: label_value(job.name),
+        LABEL_JOB_ID: job.job_id,
+    }
+
+
+def _resources(job: Job) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    r = job.resources
+    if r.cpu is not None:
+        requests["cpu"] = limits["cpu"] = r.cpu
+    if r.memory is not None:
+        memory_bytes(r.memory)  # validated already; a quantity the API accepts as is
+        requests["memory"] = limits["memory"] = r.memory
+    if r.gpu:
+        limits[GPU_RESOURCE] = str(r.gpu)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _env(job: Job) -> list[dict[str, Any]]:
+    unit = job.units[0]
+    runner_env = job.runner_env(unit)
+    runner_env.pop(protocol.ENV_SIGNING_KEY)  # from a Secret, never a plain value
+    if job.is_map:
+        runner_env.pop(protocol.ENV_INDEX)  # each pod gets JOB_COMPLETION_INDEX instead
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(runner_env.items())]
+    env.append(
+        {
+            "name": protocol.ENV_SIGNING_KEY,
+            "valueFrom": {
+                "secretKeyRef": {
+                    "name": signing_secret_name(job.settings.user, job.signing_key),
+                    "key": SIGNING_KEY_FIELD,
+                }
+            },
+        }
+    )
+    env.append(
+        {"name": protocol.ENV_ATTEMPT, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    )
+    env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
+    env.extend({"name": k, "value": v} for k, v in sorted(job.resources.env.items()))
+    return env
+
+
+def job_manifest(job: Job, *, session: str, image: str | None = None) -> dict[str, Any]:
+    """The ``batch/v1`` Job for ``job``, as the API's JSON.
+
+    - resources from the decorator: ``cpu``/``memory`` as requests and limits, ``gpu`` as
+      ``nvidia.com/gpu`` limits with the matching toleration, ``node_type`` as a node
+      selector on ``node.kubernetes.io/instance-type``;
+    - ``timeout`` as the pod's ``activeDeadlineSeconds`` (per attempt);
+    - ``retries`` as ``backoffLimit`` (per index for a map), with a pod failure policy that
+      fails at once on the runner's reserved exit codes (user exceptions included) and
+      does not count disruptions (preemption, eviction, drain);
+    - a restricted Pod Security profile: non-root, no privilege escalation, no
+      capabilities, ``RuntimeDefault`` seccomp.
+    """
+    r = job.resources
+    meta_labels = labels(job, session)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image or r.image or job.settings.image or default_image(),
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-u", "-m", "ascend_runner"],
+        "env": _env(job),
+        "resources": _resources(job),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": False,
+        },
+    }
+    if job.settings.storage_secret:
+        container["envFrom"] = [{"secretRef": {"name": job.settings.storage_secret}}]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNNER_UID,
+            "runAsGroup": RUNNER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+    }
+    if r.timeout is not None:
+        per_item = max(int(r.timeout + 0.999), 1)
+        pod_spec["activeDeadlineSeconds"] = per_item * max(len(u.items) for u in job.units)
+    if r.gpu:
+        pod_spec["tolerations"] = [
+            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    if r.node_type:
+        pod_spec["nodeSelector"] = {INSTANCE_TYPE: r.node_type}
+    failure_action = "FailIndex" if job.is_map else "FailJob"
+    spec: dict[str, Any] = {
+        "ttlSecondsAfterFinished": TTL_AFTER_FINISHED,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": failure_action,
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": protocol.ExitCode.reserved(),
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {"metadata": {"labels": meta_labels}, "spec": pod_spec},
+    }
+    if r.timeout is not None:
+        attempts = r.retries + 1
+        spec["activeDeadlineSeconds"] = (
+            pod_spec["activeDeadlineSeconds"] * attempts * len(job.units) + _JOB_DEADLINE_SLACK
+        )
+    if job.is_map:
+        spec.update(
+            completionMode="Indexed",
+            completions=len(job.units),
+            parallelism=len(job.units),
+            backoffLimitPerIndex=r.retries,
+            maxFailedIndexes=len(job.units),
+        )
+    else:
+        spec["backoffLimit"] = r.retries
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job.job_id,
+            "labels": meta_labels,
+            "annotations": {
+                ANNOTATION_FUNCTION: job.name,
+                ANNOTATION_STORAGE: job.paths.root,
+            },
+        },
+        "spec": spec,
+    }

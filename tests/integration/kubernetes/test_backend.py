@@ -1,0 +1,212 @@
+"""The Kubernetes backend end to end, on the real test cluster with real storage."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import ascend
+from tests.cluster.fixtures_k8s import K8sCluster, wait_until
+from tests.cluster.stores import Store
+
+pytestmark = pytest.mark.k8s
+
+
+@pytest.fixture
+def on_cluster(k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFactory) -> K8sCluster:
+    """ascend configured for the test cluster, with a folder every node shares as storage."""
+    storage = tmp_path_factory.mktemp("k8s-storage")
+    storage.chmod(0o777)
+    ascend.configure(
+        backend="kubernetes",
+        kubeconfig=str(k8s_cluster.kubeconfig),
+        namespace=k8s_cluster.namespace,
+        storage=storage.as_uri(),
+        unschedulable_grace=2,
+    )
+    return k8s_cluster
+
+
+def _jobs(cluster: K8sCluster, job_id: str) -> list[dict]:
+    out = cluster.kubectl(
+        "get", "jobs", "-n", cluster.namespace, "-l", f"ascend.dev/job-id={job_id}", "-o", "json"
+    )
+    return json.loads(out.stdout)["items"]
+
+
+@ascend.remote
+def add(a: int, b: int) -> int:
+    print(f"adding {a} and {b}", flush=True)
+    return a + b
+
+
+@ascend.remote
+def raises() -> None:
+    raise LookupError("missing remotely")
+
+
+@ascend.remote
+def sleeper(seconds: float) -> str:
+    print(os.getpid(), flush=True)
+    time.sleep(seconds)
+    return "woke"
+
+
+def test_a_call_runs_as_a_job_and_returns_its_value(on_cluster: K8sCluster) -> None:
+    fut = add(2, 3)
+    assert fut.result(timeout=120) == 5
+    assert list(fut.logs()) == ["adding 2 and 3"]
+    job = _jobs(on_cluster, fut.job_id)[0]
+    pod_spec = job["spec"]["template"]["spec"]
+    assert job["spec"]["backoffLimit"] == 0
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    assert pod_spec["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e for e in pod_spec["containers"][0]["env"]}
+    assert "secretKeyRef" in env["ASCEND_SIGNING_KEY"]["valueFrom"], (
+        "the key never appears as a plain value"
+    )
+
+
+def test_remote_exception_keeps_its_type(on_cluster: K8sCluster) -> None:
+    with pytest.raises(LookupError, match="missing remotely") as info:
+        raises().result(timeout=120)
+    assert "raises" in str(info.value.__cause__)
+
+
+def test_output_streams_while_the_call_runs(on_cluster: K8sCluster, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    @ascend.remote
+    def waits(path: str) -> str:
+        print("waiting for the gate", flush=True)
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        return "through"
+
+    fut = waits(str(gate))
+    assert next(iter(fut.logs())) == "waiting for the gate"
+    assert not fut.done()
+    gate.touch()
+    assert fut.result(timeout=120) == "through"
+
+
+def test_cancel_deletes_the_job_and_stops_the_process(on_cluster: K8sCluster) -> None:
+    fut = sleeper(600)
+    pid = int(next(iter(fut.logs())))
+    assert fut.cancel()
+    wait_until(
+        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        60,
+        "the pod's process to stop",
+    )
+    wait_until(lambda: not _jobs(on_cluster, fut.job_id), 60, "the Job to be deleted")
+
+
+def test_timeout_ends_as_deadline_exceeded(on_cluster: K8sCluster) -> None:
+    with pytest.raises(ascend.DeadlineExceeded, match="timeout of 2 s"):
+        sleeper.options(timeout=2)(600).result(timeout=120)
+
+
+def test_gpu_call_runs_on_the_gpu_node(on_cluster: K8sCluster) -> None:
+    @ascend.remote(gpu=1)
+    def node() -> str:
+        return os.environ.get("HOSTNAME", "")
+
+    fut = node()
+    fut.result(timeout=120)
+    pods = json.loads(
+        on_cluster.kubectl(
+            "get",
+            "pods",
+            "-n",
+            on_cluster.namespace,
+            "-l",
+            f"ascend.dev/job-id={fut.job_id}",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    assert pods[0]["spec"]["nodeName"] == "gpu-1"
+
+
+def test_too_many_gpus_fail_fast_as_unschedulable(on_cluster: K8sCluster) -> None:
+    fut = add.options(gpu=8)(1, 1)
+    with pytest.raises(ascend.Unschedulable, match="Insufficient nvidia.com/gpu"):
+        fut.result(timeout=60)
+    wait_until(lambda: not _jobs(on_cluster, fut.job_id), 60, "the unschedulable Job to be deleted")
+
+
+def test_memory_hog_is_reported_as_oom(on_cluster: K8sCluster) -> None:
+    @ascend.remote(memory="150Mi")
+    def hog() -> int:
+        block = bytearray(600 * 2**20)
+        time.sleep(30)
+        return len(block)
+
+    with pytest.raises(ascend.OOMKilled, match="150Mi"):
+        hog().result(timeout=120)
+
+
+def test_unknown_image_is_an_image_pull_error(on_cluster: K8sCluster) -> None:
+    with pytest.raises(ascend.ImagePullError, match="registry.invalid/none:1"):
+        add.options(image="registry.invalid/none:1")(1, 1).result(timeout=120)
+
+
+def test_unprivileged_user_gets_a_clear_permission_error(on_cluster: K8sCluster) -> None:
+    if on_cluster.unprivileged_kubeconfig is None:
+        pytest.skip("the kind cluster has no unprivileged test user")
+    ascend.configure(kubeconfig=str(on_cluster.unprivileged_kubeconfig))
+    with pytest.raises(ascend.PermissionDenied, match="Fix: ask a cluster admin"):
+        add(1, 1).result(timeout=60)
+
+
+@pytest.mark.stores
+def test_round_trip_through_each_cloud_store(
+    on_cluster: K8sCluster, cloud_store: Store, store_prefix: str
+) -> None:
+    secret = f"store-{cloud_store.name}"
+    args = [f"--from-literal={k}={v}" for k, v in cloud_store.env.items()]
+    on_cluster.kubectl(
+        "create", "secret", "generic", secret, "-n", on_cluster.namespace, *args, check=False
+    )
+    ascend.configure(
+        storage=store_prefix, storage_options=cloud_store.storage_options, storage_secret=secret
+    )
+    fut = add(20, 22)
+    assert fut.result(timeout=120) == 42
+    fs = cloud_store.filesystem()
+    assert fs.exists(
+        f"{store_prefix}/projects/default/users/{ascend.configure().user}/jobs/{fut.job_id}/result.pkl"
+    )
+
+
+@pytest.mark.slow
+def test_many_concurrent_calls_share_two_watches(on_cluster: K8sCluster) -> None:
+    def watches() -> float:
+        text = on_cluster.control_plane.metrics() if on_cluster.control_plane else ""
+        total = 0.0
+        for line in text.splitlines():
+            if (
+                line.startswith("apiserver_longrunning_requests{")
+                and 'verb="WATCH"' in line
+                and 'scope="namespace"' in line
+                and ('resource="jobs"' in line or 'resource="pods"' in line)
+            ):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    if on_cluster.control_plane is None:
+        pytest.skip("reads the test cluster's apiserver metrics")
+    add(0, 0).result(timeout=120)  # the shared watches are open from here on
+    with_one = watches()
+    futures = [add(i, 1) for i in range(60)]
+    during = watches()
+    assert [f.result(timeout=300) for f in futures] == [i + 1 for i in range(60)]
+    assert during <= with_one, f"watches grew with the number of calls: {with_one} -> {during}"
+    assert concurrent.futures.wait(futures).not_done == set()
