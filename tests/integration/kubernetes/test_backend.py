@@ -210,3 +210,45 @@ def test_many_concurrent_calls_share_two_watches(on_cluster: K8sCluster) -> None
     assert [f.result(timeout=300) for f in futures] == [i + 1 for i in range(60)]
     assert during <= with_one, f"watches grew with the number of calls: {with_one} -> {during}"
     assert concurrent.futures.wait(futures).not_done == set()
+
+
+@pytest.mark.slow
+def test_a_lost_node_fails_a_call_without_retries(on_cluster: K8sCluster) -> None:
+    cluster = on_cluster.require_own_cluster("stopping a node agent")
+    fut = sleeper.options(node_type="gpu-standard", gpu=1)(600)
+    int(next(iter(fut.logs())))
+    node = cluster.nodes["gpu-1"]
+    node.stop()
+    try:
+        with pytest.raises(ascend.WorkerFailed, match="disrupted"):
+            fut.result(timeout=120)
+    finally:
+        node.start()
+        node.wait_ready()
+    wait_until(lambda: not _jobs(on_cluster, fut.job_id), 60, "the Job to be deleted")
+
+
+@pytest.mark.slow
+def test_apiserver_restart_during_calls_loses_nothing_and_resolves_nothing_twice(
+    on_cluster: K8sCluster, tmp_path: Path
+) -> None:
+    cluster = on_cluster.require_own_cluster("restarting kube-apiserver")
+    gate = tmp_path / "gate"
+
+    @ascend.remote
+    def gated(i: int, path: str) -> int:
+        print(f"started {i}", flush=True)
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        return i * i
+
+    futures = [gated(i, str(gate)) for i in range(20)]
+    for fut in futures:  # every call is running before the restart
+        next(iter(fut.logs()))
+    resolutions: list[int] = []
+    for fut in futures:
+        fut.add_done_callback(lambda f: resolutions.append(1))
+    cluster.control_plane.restart_apiserver()
+    gate.touch()
+    assert [f.result(timeout=180) for f in futures] == [i * i for i in range(20)]
+    assert len(resolutions) == 20

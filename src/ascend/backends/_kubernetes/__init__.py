@@ -234,6 +234,19 @@ class _Tracker:
                 )
             )
             return
+        disrupted = _true_condition(obj, "DisruptionTarget")
+        if disrupted and self.job.resources.retries == 0:
+            # Evicted, preempted or its node lost. Disruptions do not count against
+            # retries, but with none allowed the caller should know now, not when (or
+            # if) the node comes back.
+            self._finish(
+                WorkerFailed(
+                    f"{self._where}: pod {name} on node {obj['spec'].get('nodeName')} was "
+                    f"disrupted ({disrupted.get('reason')}: {disrupted.get('message', '')}). Fix: "
+                    "set retries=... to run it again elsewhere when this happens."
+                )
+            )
+            return
         scheduled = next(
             (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None
         )
