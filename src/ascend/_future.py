@@ -202,6 +202,24 @@ class Future(concurrent.futures.Future[T]):
     def __await__(self) -> Generator[Any, None, T]:
         return asyncio.wrap_future(self).__await__()
 
+    @classmethod
+    def attach(cls, job_id: str) -> Future[Any]:
+        """A future for a call submitted earlier — by this process or another one.
+
+        It resolves from the cluster and storage: a running Kubernetes Job is followed
+        (its output streams again), a finished one yields its published result. Uses the
+        current settings (storage, project, user, namespace) to find the job.
+
+        Example::
+
+            fut = ascend.Future.attach("train-1f2e3d4c5b")
+            metrics = fut.result()
+        """
+        from ascend import _config
+        from ascend._scheduler import get_scheduler
+
+        return get_scheduler().attach(job_id, _config.current())
+
     def logs(self, *, follow: bool = True) -> LogStream:
         """The call's output lines so far and, with ``follow``, those still to come."""
         return LogStream(self._log, follow=follow)

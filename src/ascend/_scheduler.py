@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import dataclasses
 import datetime
 import os
 import sys
@@ -28,6 +29,7 @@ from ascend._errors import AscendError, ResultMissing
 from ascend._future import Future
 from ascend._logging import logger
 from ascend._progress import Tracker
+from ascend._resources import Resources
 from ascend._storage import Storage
 from ascend.backends import Backend, Job, create_backend
 from ascend_runner import protocol
@@ -52,7 +54,10 @@ class _JobRun:
         package: list[protocol.Buffer],
         inputs: Sequence[list[protocol.Buffer]],
         tracker: Tracker | None,
+        *,
+        attach: bool = False,
     ) -> None:
+        self._attach = attach
         self._scheduler = scheduler
         self.job = job
         self._backend_name = backend_name
@@ -90,6 +95,9 @@ class _JobRun:
         self._scheduler._runs.add(self)
         try:
             self._storage = self._scheduler.storage(self.job.settings)
+            if self._attach:
+                await self._reattach(self._storage)
+                return
             backend = self._scheduler.backend(self.job.settings, self._backend_name)
             await self._upload(self._storage)
             async with anyio.create_task_group() as tg:
@@ -108,6 +116,38 @@ class _JobRun:
                 fut._log.close()
             self._scheduler._runs.discard(self)
             self.stopped.set()
+
+    async def _reattach(self, storage: Storage) -> None:
+        """Follow a job another process submitted, from its meta.json and the backend."""
+        job = self.job
+        try:
+            meta = await storage.read_json(job.paths.meta)
+        except FileNotFoundError:
+            raise AscendError(
+                f"no job {job.job_id!r} under {job.settings.user_prefix}. Fix: attach with the "
+                "storage, project and user the job was submitted with."
+            ) from None
+        if meta.get("kind") != "call":
+            raise AscendError(
+                f"job {job.job_id} is a {meta.get('kind')}; only calls can be re-attached yet."
+            )
+        known = {"gpu", "cpu", "memory", "timeout", "retries", "requirements", "image", "node_type"}
+        resources = Resources.build(**{k: v for k, v in meta["resources"].items() if k in known})
+        self.job = job = dataclasses.replace(job, name=meta["function"], resources=resources)
+        backend = self._scheduler.backend(job.settings, meta["backend"])
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            attach = getattr(backend, "attach", None)
+            if attach is not None:
+                await attach(job, self)
+            elif await storage.exists(job.paths.result):
+                self.finished(range(1))
+            else:
+                raise AscendError(
+                    f"{job.name} (job {job.job_id}) has no result yet, and the "
+                    f"{meta['backend']} backend cannot follow a call started by another "
+                    "process. Fix: attach again once it has finished."
+                )
 
     async def _upload(self, storage: Storage) -> None:
         job = self.job
@@ -254,6 +294,26 @@ class Scheduler:
         if key not in self._backends:
             self._backends[key] = create_backend(settings, name)
         return self._backends[key]
+
+    def attach(self, job_id: str, settings: Settings) -> Future[Any]:
+        """A future for a call submitted earlier, perhaps by another process."""
+        from ascend import _serialization
+        from ascend._storage import JobPaths
+        from ascend.backends import WorkUnit
+
+        fut: Future[Any] = Future(job_id, job_id)
+        job = Job(
+            job_id=job_id,
+            name=job_id,
+            resources=Resources(),
+            settings=settings,
+            paths=JobPaths.of(settings.user_prefix, job_id),
+            is_map=False,
+            units=(WorkUnit(0, range(1)),),
+            signing_key=_serialization.signing_key(),
+        )
+        self.submit(_JobRun(self, job, settings.backend, [fut], [], [], None, attach=True))
+        return fut
 
     def submit(self, run: _JobRun) -> None:
         assert self._loop is not None

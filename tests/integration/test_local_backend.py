@@ -363,3 +363,12 @@ def test_cancelling_right_after_submitting_leaves_no_process_behind() -> None:
     runners = [c for c in me.children(recursive=True) if "ascend_runner" in " ".join(c.cmdline())]
     _gone, alive = psutil.wait_procs(runners, timeout=15)
     assert not alive, "a cancel that raced the process start left the process running"
+
+
+def test_attach_returns_the_published_result_of_an_earlier_call() -> None:
+    fut = add(40, 2)
+    fut.result(timeout=60)
+    again = ascend.Future.attach(fut.job_id)
+    assert again.result(timeout=60) == 42
+    with pytest.raises(ascend.AscendError, match="no job 'add-nope'"):
+        ascend.Future.attach("add-nope").result(timeout=60)

@@ -252,3 +252,51 @@ def test_apiserver_restart_during_calls_loses_nothing_and_resolves_nothing_twice
     gate.touch()
     assert [f.result(timeout=180) for f in futures] == [i * i for i in range(20)]
     assert len(resolutions) == 20
+
+
+def test_a_second_process_reattaches_to_a_running_call(
+    on_cluster: K8sCluster, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    gate = tmp_path / "gate"
+    settings = ascend.configure()
+    script = tmp_path / "submit.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, time
+        import ascend
+        ascend.configure(backend="kubernetes", kubeconfig={settings.kubeconfig!r},
+                         namespace={settings.namespace!r}, storage={settings.storage!r},
+                         detach=True, stream_logs=False)
+
+        @ascend.remote
+        def gated(path):
+            print("running", flush=True)
+            while not os.path.exists(path):
+                time.sleep(0.05)
+            return "finished after re-attach"
+
+        fut = gated({str(gate)!r})
+        next(iter(fut.logs()))
+        print(fut.job_id, flush=True)
+    """)
+    )
+    submitted = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split()[-1]
+    assert _jobs(on_cluster, job_id), (
+        "detach=True left the Job running after the first process exited"
+    )
+    fut = ascend.Future.attach(job_id)
+    assert not fut.done()
+    gate.touch()
+    assert fut.result(timeout=120) == "finished after re-attach"

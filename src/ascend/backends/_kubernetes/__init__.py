@@ -338,15 +338,36 @@ class KubernetesBackend:
             )
         ns = await self._namespace(job.settings)
         await ns.ensure_signing_secret(job)
-        tracker = _Tracker(job, observer, ns, job.settings.unschedulable_grace)
         manifest = job_manifest(job, session=self._session)
+
+        async def create(tracker: _Tracker) -> None:
+            path = f"/apis/batch/v1/namespaces/{ns.namespace}/jobs"
+            created = await ns.api.request("POST", path, body=manifest)
+            tracker.uid = created["metadata"]["uid"]
+
+        await self._follow(job, observer, ns, create)
+
+    async def attach(self, job: Job, observer: JobObserver) -> None:
+        """Follow a Job that another process created, from where it is now."""
+        ns = await self._namespace(job.settings)
+        await ns.jobs.wait_synced()
+
+        async def find(tracker: _Tracker) -> None:
+            existing = ns.jobs.cached(job.job_id)
+            if not existing:  # finished and cleaned up: the result, if any, is in storage
+                tracker._finish()
+                return
+            tracker.uid = existing[0]["metadata"]["uid"]
+            tracker.on_job("MODIFIED", existing[0])
+
+        await self._follow(job, observer, ns, find)
+
+    async def _follow(self, job: Job, observer: JobObserver, ns: _Namespace, start: Any) -> None:
+        tracker = _Tracker(job, observer, ns, job.settings.unschedulable_grace)
         ns.jobs.subscribe(job.job_id, tracker.on_job)
         ns.pods.subscribe(job.job_id, tracker.on_pod)
         try:
-            created = await ns.api.request(
-                "POST", f"/apis/batch/v1/namespaces/{ns.namespace}/jobs", body=manifest
-            )
-            tracker.uid = created["metadata"]["uid"]
+            await start(tracker)
             await tracker.done.wait()
         except BaseException:
             if tracker.uid and not (job.settings.detach and observer.wanted(range(job.n_items))):
