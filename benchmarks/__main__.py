@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import local_overhead
+from benchmarks import k8s_latency, local_overhead
 
-SUITES = {"local": local_overhead.main}
+SUITES = {"local": local_overhead.main, "kubernetes": k8s_latency.main}
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ _IMAGE_ERRORS = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "R
 _CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError"}
 _TAIL = 20
 _MAX_LOG_STREAMS = 48
+_LOG_DRAIN = 5.0
 
 
 def _true_condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -119,6 +120,7 @@ class _Tracker:
         self.pods: dict[str, dict[str, Any]] = {}
         self.tail: deque[str] = deque(maxlen=_TAIL)
         self._followed: set[str] = set()
+        self.log_tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._unschedulable_task: asyncio.Task[None] | None = None
         self._where = f"{job.name} (job {job.job_id})"
@@ -262,13 +264,18 @@ class _Tracker:
         elif self._unschedulable_task is not None:
             self._unschedulable_task.cancel()
             self._unschedulable_task = None
+        terminated = state.get("terminated") or {}
+        if terminated.get("exitCode") in (protocol.ExitCode.OK, protocol.ExitCode.USER_EXCEPTION):
+            # The runner published the result (a value or the function's exception)
+            # before it exited: no need to wait for the Job controller to mark the Job.
+            self._finish()
         if "running" in state or "terminated" in state:
             if not self._started:
                 self._started = True
                 self.observer.started(range(self.job.n_items))
             if name not in self._followed:
                 self._followed.add(name)
-                asyncio.get_running_loop().create_task(self._follow(name))
+                self.log_tasks.append(asyncio.get_running_loop().create_task(self._follow(name)))
 
     async def _unschedulable(self, pod: str) -> None:
         # A cluster autoscaler may still add a node: wait out the grace period.
@@ -296,7 +303,7 @@ class _Tracker:
 
     def _pod_running(self, name: str) -> bool:
         phase = self.pods.get(name, {}).get("status", {}).get("phase")
-        return phase in (None, "Pending", "Running") and not self.done.is_set()
+        return phase in (None, "Pending", "Running")
 
     async def _follow(self, pod: str) -> None:
         def on_line(line: str) -> None:
@@ -369,6 +376,9 @@ class KubernetesBackend:
         try:
             await start(tracker)
             await tracker.done.wait()
+            if tracker.log_tasks:
+                # The outcome can be known before the last lines arrive: let them in.
+                await asyncio.wait(tracker.log_tasks, timeout=_LOG_DRAIN)
         except BaseException:
             if tracker.uid and not (job.settings.detach and observer.wanted(range(job.n_items))):
                 with anyio.CancelScope(shield=True):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import aiohttp
 import anyio
 
 from ascend.backends._kubernetes._client import Api, ApiError
 from ascend.backends._kubernetes._spec import CONTAINER
 
 LOG_READ_TIMEOUT = 600.0
+_MAX_FAILURES = 30
 
 
 def _order(stamp: str) -> str:
@@ -38,6 +40,9 @@ async def follow(
     seen_at_last = 0  # lines already delivered with exactly ``last_stamp``
     failures = 0
     while True:
+        # A stream opened after the container stopped returns everything that is left
+        # and ends: once one such stream is read to its end, nothing can be missing.
+        draining = not still_running()
         query: dict[str, object] = {"container": CONTAINER, "follow": True, "timestamps": True}
         if last_stamp:
             query["sinceTime"] = last_stamp[:19] + "Z"  # the API takes whole seconds
@@ -56,9 +61,11 @@ async def follow(
                     last_stamp, count_at_stamp = stamp, 1
                 seen_at_last = count_at_stamp
                 on_line(text.rstrip("\r"))
-            failures = 0
-        except (ApiError, OSError, TimeoutError):  # not started yet, deleted, connection lost
+        except (ApiError, OSError, TimeoutError, aiohttp.ClientError):  # not started, gone, cut off
             failures += 1
-        if not still_running() or failures > 20:
-            return
+            if failures > _MAX_FAILURES:
+                return
+        else:
+            if draining:
+                return
         await anyio.sleep(min(0.2 * (failures + 1), 2.0))
