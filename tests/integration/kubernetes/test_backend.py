@@ -187,7 +187,7 @@ def test_round_trip_through_each_cloud_store(
 
 
 @pytest.mark.slow
-def test_many_concurrent_calls_share_two_watches(on_cluster: K8sCluster) -> None:
+def test_many_concurrent_calls_share_the_same_watches(on_cluster: K8sCluster) -> None:
     def watches() -> float:
         text = on_cluster.control_plane.metrics() if on_cluster.control_plane else ""
         total = 0.0
@@ -305,3 +305,34 @@ def test_a_second_process_reattaches_to_a_running_call(
     assert not fut.done()
     gate.touch()
     assert fut.result(timeout=120) == "finished after re-attach"
+
+
+def test_a_pod_refused_by_quota_is_reported_without_waiting_for_the_deadline(
+    on_cluster: K8sCluster, tmp_path: Path
+) -> None:
+    namespace = "ascend-e2e-quota"
+    quota = tmp_path / "quota.json"
+    quota.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [
+                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+                    {
+                        "apiVersion": "v1",
+                        "kind": "ResourceQuota",
+                        "metadata": {"name": "no-pods", "namespace": namespace},
+                        "spec": {"hard": {"pods": "0"}},
+                    },
+                ],
+            }
+        )
+    )
+    on_cluster.kubectl("apply", "-f", str(quota))
+    on_cluster.kubectl(
+        "wait", "--for=create", "serviceaccount/default", "-n", namespace, "--timeout=60s"
+    )
+    ascend.configure(namespace=namespace)
+    with pytest.raises(ascend.WorkerFailed, match="refused to create its pod: .*exceeded quota"):
+        add(1, 1).result(timeout=120)

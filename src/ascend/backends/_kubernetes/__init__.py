@@ -1,10 +1,11 @@
 """The Kubernetes backend: every call a Job, followed by shared watches.
 
-Per namespace, one watch follows this user's Jobs and one their pods, whatever the
-number of calls in flight. Each call's outcome is decided from those events as soon as
-the cause is known — scheduler refusals, image pull errors, OOM kills, deadlines, exit
-codes — and its pod's output is streamed back live. Cancelling deletes the Job
-(background propagation, UID precondition), which stops its pod.
+Per namespace, one watch follows this user's Jobs, one their pods and one the Jobs'
+``FailedCreate`` events, whatever the number of calls in flight. Each call's outcome is
+decided from those events as soon as the cause is known — scheduler refusals, image pull
+errors, OOM kills, deadlines, exit codes — and its pod's output is streamed back live.
+Cancelling deletes the Job (background propagation, UID precondition), which stops its
+pod.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ascend.backends._kubernetes._spec import (
     job_manifest,
     signing_secret_name,
 )
-from ascend.backends._kubernetes._watch import Informer
+from ascend.backends._kubernetes._watch import Informer, involved_job
 from ascend_runner import protocol
 
 log = logger
@@ -66,11 +67,25 @@ class _Namespace:
         self.api = api
         self.namespace = namespace
         selector = f"{LABEL_MANAGED}=ascend,{LABEL_USER}={user}"
-        self.jobs = Informer(api, f"/apis/batch/v1/namespaces/{namespace}/jobs", selector, "jobs")
-        self.pods = Informer(api, f"/api/v1/namespaces/{namespace}/pods", selector, "pods")
+        self.jobs = Informer(
+            api, f"/apis/batch/v1/namespaces/{namespace}/jobs", "jobs", label_selector=selector
+        )
+        self.pods = Informer(
+            api, f"/api/v1/namespaces/{namespace}/pods", "pods", label_selector=selector
+        )
+        # Pods that are never created (quota, admission) show only as Job events.
+        self.events = Informer(
+            api,
+            f"/api/v1/namespaces/{namespace}/events",
+            "events",
+            field_selector="involvedObject.kind=Job,reason=FailedCreate",
+            key=involved_job,
+        )
+
         self.log_streams = anyio.Semaphore(_MAX_LOG_STREAMS)
         self._tasks = [
-            asyncio.get_running_loop().create_task(i.run()) for i in (self.jobs, self.pods)
+            asyncio.get_running_loop().create_task(i.run())
+            for i in (self.jobs, self.pods, self.events)
         ]
         self._secrets: set[str] = set()
 
@@ -121,6 +136,7 @@ class _Tracker:
         self.tail: deque[str] = deque(maxlen=_TAIL)
         self._followed: set[str] = set()
         self.log_tasks: list[asyncio.Task[None]] = []
+        self._not_created_task: asyncio.Task[None] | None = None
         self._started = False
         self._unschedulable_task: asyncio.Task[None] | None = None
         self._where = f"{job.name} (job {job.job_id})"
@@ -277,6 +293,23 @@ class _Tracker:
                 self._followed.add(name)
                 self.log_tasks.append(asyncio.get_running_loop().create_task(self._follow(name)))
 
+    def on_event(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind == "DELETED" or self._not_created_task is not None or self.pods:
+            return
+        message = str(obj.get("message", ""))
+        self._not_created_task = asyncio.get_running_loop().create_task(self._not_created(message))
+
+    async def _not_created(self, message: str) -> None:
+        # The Job controller keeps retrying (quota may free up): wait out the grace period.
+        await anyio.sleep(self.grace)
+        if not self.pods:
+            self._finish(
+                WorkerFailed(
+                    f"{self._where}: Kubernetes refused to create its pod: {message}. Fix: free "
+                    "or raise the namespace's quota, or meet its admission policy (Pod Security)."
+                )
+            )
+
     async def _unschedulable(self, pod: str) -> None:
         # A cluster autoscaler may still add a node: wait out the grace period.
         await anyio.sleep(self.grace)
@@ -373,6 +406,7 @@ class KubernetesBackend:
         tracker = _Tracker(job, observer, ns, job.settings.unschedulable_grace)
         ns.jobs.subscribe(job.job_id, tracker.on_job)
         ns.pods.subscribe(job.job_id, tracker.on_pod)
+        ns.events.subscribe(job.job_id, tracker.on_event)
         try:
             await start(tracker)
             await tracker.done.wait()
@@ -385,8 +419,8 @@ class KubernetesBackend:
                     await self._delete(ns, job.job_id, tracker.uid)
             raise
         finally:
-            ns.jobs.unsubscribe(job.job_id)
-            ns.pods.unsubscribe(job.job_id)
+            for informer in (ns.jobs, ns.pods, ns.events):
+                informer.unsubscribe(job.job_id)
         if tracker.error is not None:
             # Stop whatever is left (an unschedulable pod, an image that never comes).
             await self._delete(ns, job.job_id, tracker.uid)

@@ -29,15 +29,45 @@ from ascend.backends._kubernetes._spec import LABEL_JOB_ID
 log = logger
 
 Handler = Callable[[str, dict[str, Any]], None]
+KeyFunction = Callable[[dict[str, Any]], str | None]
+
+
+def job_id_label(obj: dict[str, Any]) -> str | None:
+    """Jobs and pods: the job id is a label."""
+    value = (obj.get("metadata", {}).get("labels") or {}).get(LABEL_JOB_ID)
+    return str(value) if value else None
+
+
+def involved_job(obj: dict[str, Any]) -> str | None:
+    """Events: the Job they are about (its name is the job id)."""
+    involved = obj.get("involvedObject") or {}
+    return str(involved["name"]) if involved.get("kind") == "Job" and involved.get("name") else None
 
 
 class Informer:
-    """Lists and watches one collection, dispatching events by job-id label."""
+    """Lists and watches one collection, dispatching events by job id."""
 
-    def __init__(self, api: Api, path: str, label_selector: str, kind: str) -> None:
+    def __init__(
+        self,
+        api: Api,
+        path: str,
+        kind: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        key: KeyFunction = job_id_label,
+    ) -> None:
         self._api = api
         self._path = path
-        self._selector = label_selector
+        self._query = {
+            name: value
+            for name, value in (
+                ("labelSelector", label_selector),
+                ("fieldSelector", field_selector),
+            )
+            if value
+        }
+        self._key = key
         self.kind = kind
         self._subscribers: dict[str, Handler] = {}
         self._cache: dict[str, dict[str, dict[str, Any]]] = defaultdict(
@@ -63,7 +93,7 @@ class Informer:
         await self._synced.wait()
 
     def _dispatch(self, kind: str, obj: dict[str, Any]) -> None:
-        job_id = (obj.get("metadata", {}).get("labels") or {}).get(LABEL_JOB_ID)
+        job_id = self._key(obj)
         if not job_id:
             return
         name = obj["metadata"]["name"]
@@ -81,13 +111,11 @@ class Informer:
                 log.exception("watch handler failed", kind=self.kind, job=job_id)
 
     async def _list(self) -> None:
-        listing = await self._api.request(
-            "GET", self._path, query={"labelSelector": self._selector}
-        )
+        listing = await self._api.request("GET", self._path, query=self._query)
         self.relists += 1
         seen: set[tuple[str, str]] = set()
         for obj in listing.get("items") or []:
-            seen.add((obj["metadata"]["labels"].get(LABEL_JOB_ID, ""), obj["metadata"]["name"]))
+            seen.add((self._key(obj) or "", obj["metadata"]["name"]))
             self._dispatch("ADDED", obj)
         # Objects deleted while we were not watching.
         for job_id, objects in list(self._cache.items()):
@@ -99,7 +127,7 @@ class Informer:
 
     async def _watch(self) -> None:
         query = {
-            "labelSelector": self._selector,
+            **self._query,
             "watch": True,
             "allowWatchBookmarks": True,
             "resourceVersion": self.resource_version,
