@@ -211,7 +211,7 @@ def main() -> None:
         ),
         ("client API requests per call", f"{api_per_call:.1f}", "few"),
         (
-            f"open WATCH connections, 1 vs {IN_FLIGHT} calls in flight",
+            f"open WATCH connections on jobs and pods, 1 vs {IN_FLIGHT} calls in flight",
             f"{watches_one:.0f} vs {watches_many:.0f}",
             "constant",
         ),

@@ -17,6 +17,7 @@ from ascend._resources import Resources
 from ascend._scheduler import _JobRun, get_scheduler
 from ascend._storage import JobPaths
 from ascend.backends import Job, WorkUnit
+from ascend_runner.protocol import Buffer
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -78,18 +79,7 @@ class RemoteFunction(Generic[P, R]):
             key,
         )
         fut: Future[R] = Future(job_id, self._name)
-        job = Job(
-            job_id=job_id,
-            name=self._name,
-            resources=self._resources,
-            settings=settings,
-            paths=JobPaths.of(settings.user_prefix, job_id),
-            is_map=False,
-            units=(WorkUnit(0, range(1)),),
-            signing_key=key,
-        )
-        scheduler = get_scheduler()
-        scheduler.submit(_JobRun(scheduler, job, backend, [fut], package, [], None))
+        self._submit(settings, backend, key, job_id, (WorkUnit(0, range(1)),), [fut], package, [])
         return fut
 
     def map(
@@ -180,19 +170,34 @@ class RemoteFunction(Generic[P, R]):
             on_item_done=on_item_done,
         )
         if n:
-            job = Job(
-                job_id=job_id,
-                name=self._name,
-                resources=self._resources,
-                settings=settings,
-                paths=JobPaths.of(settings.user_prefix, job_id),
-                is_map=True,
-                units=units,
-                signing_key=key,
-            )
-            scheduler = get_scheduler()
-            scheduler.submit(_JobRun(scheduler, job, backend, futures, package, inputs, tracker))
+            self._submit(settings, backend, key, job_id, units, futures, package, inputs, tracker)
         return result
+
+    def _submit(
+        self,
+        settings: _config.Settings,
+        backend: str,
+        key: bytes,
+        job_id: str,
+        units: tuple[WorkUnit, ...],
+        futures: list[Future[R]],
+        package: list[Buffer],
+        inputs: list[list[Buffer]],
+        tracker: Tracker | None = None,
+    ) -> None:
+        """Hand the job to the scheduler; a map is any job with inputs."""
+        job = Job(
+            job_id=job_id,
+            name=self._name,
+            resources=self._resources,
+            settings=settings,
+            paths=JobPaths.of(settings.user_prefix, job_id),
+            is_map=bool(inputs),
+            units=units,
+            signing_key=key,
+        )
+        scheduler = get_scheduler()
+        scheduler.submit(_JobRun(scheduler, job, backend, futures, package, inputs, tracker))
 
     def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function here, in this process (for debugging: breakpoints work)."""
