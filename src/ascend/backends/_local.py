@@ -108,10 +108,11 @@ class LocalBackend:
             protocol.ENV_SKIP_DONE: "1" if attempt else "0",
             "PYTHONUNBUFFERED": "1",
         }
-        detach_log = _detach_log_path(job, unit) if job.settings.detach else None
+        detach_log: str | None = None
         sink: Any = subprocess.PIPE
-        if detach_log:
+        if job.settings.detach:
             # Detached runners outlive this process, so their output goes to a file, not a pipe.
+            detach_log = await anyio.to_thread.run_sync(_detach_log_path, job, unit)
             sink = await anyio.to_thread.run_sync(open, detach_log, "wb")
         try:
             # Shielded: a cancel arriving mid-spawn must not lose track of the new process;
@@ -154,7 +155,9 @@ class LocalBackend:
             raise
         finally:
             if detach_log:
-                for line in _read_lines(detach_log):
+                with anyio.CancelScope(shield=True):
+                    lines = await anyio.to_thread.run_sync(_read_lines, detach_log)
+                for line in lines:
                     output.line(line)
         return _diagnose(job, code, output.tail)
 
