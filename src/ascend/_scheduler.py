@@ -351,5 +351,11 @@ def get_scheduler() -> Scheduler:
     with _lock:
         if _scheduler is None or _scheduler.pid != os.getpid():
             _scheduler = Scheduler()
-            atexit.register(_scheduler.shutdown)
+            # Run before the interpreter shuts down thread pools (as concurrent.futures
+            # does): stopping remote work may need them (aiohttp, to_thread).
+            register = getattr(threading, "_register_atexit", None)
+            if register is not None:
+                register(_scheduler.shutdown)
+            else:
+                atexit.register(_scheduler.shutdown)
         return _scheduler

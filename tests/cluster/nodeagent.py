@@ -482,10 +482,24 @@ class NodeAgent:
             if pod["metadata"].get("deletionTimestamp"):
                 await self.finalize(pod)
             return
+        statuses = pod.get("status", {}).get("containerStatuses") or []
         if pod["metadata"].get("deletionTimestamp"):
+            if statuses and "running" in statuses[0].get("state", {}):
+                # Its process is gone (this agent restarted): report it dead, then
+                # confirm the deletion, so the Job controller sees a terminal pod.
+                stamp = now()
+                started = statuses[0]["state"]["running"].get("startedAt", stamp)
+                state = {
+                    "terminated": {
+                        "exitCode": 137,
+                        "reason": "Error",
+                        "startedAt": started,
+                        "finishedAt": stamp,
+                    }
+                }
+                await self.set_status(pod, self.base_status(pod, "Failed", state, ready=False))
             await self.finalize(pod)
             return
-        statuses = pod.get("status", {}).get("containerStatuses") or []
         if adopt and statuses and "running" in statuses[0].get("state", {}):
             # This agent restarted: the process it ran is gone with the old agent.
             stamp = now()
@@ -630,10 +644,9 @@ class NodeAgent:
         async with container.new_line:
             container.finished.set()
             container.new_line.notify_all()
+        await self.set_status(pod, status)
         if container.kill_reason == "Deleted":
             await self.finalize(pod)
-        else:
-            await self.set_status(pod, status)
 
     async def pump(
         self, stream: asyncio.StreamReader | None, name: str, container: Container

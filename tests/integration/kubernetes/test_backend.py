@@ -205,9 +205,9 @@ def test_many_concurrent_calls_share_the_same_watches(on_cluster: K8sCluster) ->
         pytest.skip("reads the test cluster's apiserver metrics")
     add(0, 0).result(timeout=120)  # the shared watches are open from here on
     with_one = watches()
-    futures = [add(i, 1) for i in range(60)]
+    futures = [add(i, 1) for i in range(200)]
     during = watches()
-    assert [f.result(timeout=300) for f in futures] == [i + 1 for i in range(60)]
+    assert [f.result(timeout=600) for f in futures] == [i + 1 for i in range(200)]
     assert during <= with_one, f"watches grew with the number of calls: {with_one} -> {during}"
     assert concurrent.futures.wait(futures).not_done == set()
 
@@ -336,3 +336,67 @@ def test_a_pod_refused_by_quota_is_reported_without_waiting_for_the_deadline(
     ascend.configure(namespace=namespace)
     with pytest.raises(ascend.WorkerFailed, match="refused to create its pod: .*exceeded quota"):
         add(1, 1).result(timeout=120)
+
+
+def test_interpreter_exit_deletes_the_jobs_of_pending_calls(
+    on_cluster: K8sCluster, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    settings = ascend.configure()
+    script = tmp_path / "leave.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import time
+        import ascend
+        ascend.configure(backend="kubernetes", kubeconfig={settings.kubeconfig!r},
+                         namespace={settings.namespace!r}, storage={settings.storage!r},
+                         stream_logs=False)
+
+        @ascend.remote
+        def forever():
+            print("running", flush=True)
+            time.sleep(600)
+
+        fut = forever()
+        next(iter(fut.logs()))
+        print(fut.job_id, flush=True)
+    """)
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[-1]
+    wait_until(lambda: not _jobs(on_cluster, job_id), 60, "the abandoned call's Job to be deleted")
+
+
+@pytest.mark.slow
+def test_a_lost_node_is_retried_when_retries_allow(on_cluster: K8sCluster, tmp_path: Path) -> None:
+    cluster = on_cluster.require_own_cluster("stopping a node agent")
+    marker = tmp_path / "attempts"
+
+    @ascend.remote(gpu=1, retries=1)
+    def counted(path: str) -> int:
+        with open(path, "a") as f:
+            f.write("x")
+        attempts = len(Path(path).read_text())
+        print("running", flush=True)
+        if attempts == 1:
+            time.sleep(600)  # the first attempt dies with its node
+        return attempts
+
+    fut = counted(str(marker))
+    next(iter(fut.logs()))
+    node = cluster.nodes["gpu-1"]
+    node.stop()
+    time.sleep(12)  # the node goes NotReady and its pod is evicted
+    node.start()
+    node.wait_ready()
+    assert fut.result(timeout=180) == 2
