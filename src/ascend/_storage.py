@@ -8,6 +8,7 @@ Layout under the configured ``storage`` URL::
         result.pkl         a single call's result, published once by the runner
         inputs/{chunk}.pkl a map's inputs, one file per chunk
         results/{i}.pkl    a map item's result, published once
+        logs/{attempt}.log a copy of each pod's output (Kubernetes backend)
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class JobPaths:
 
     def item_result(self, index: int) -> str:
         return f"{self.results}/{index}.pkl"
+
+    @property
+    def logs(self) -> str:
+        """Folder of the runner's output copies, one ``{attempt}.log`` per pod."""
+        return f"{self.root}/logs"
 
 
 def protocol_of(url: str) -> str:

@@ -104,3 +104,24 @@ def test_concurrent_local_publishers_publish_exactly_once(tmp_path: Path) -> Non
 def test_local_urls_map_to_paths(url: str) -> None:
     assert _storage.local_path(url) == "/x/y.pkl"
     assert _storage.local_path("s3://bucket/x") is None
+
+
+def _talk() -> str:
+    import os
+    import sys
+
+    print("from print")
+    print("to stderr", file=sys.stderr)
+    os.write(1, b"from the file descriptor\n")
+    return "done"
+
+
+def test_output_copy_keeps_everything_written_and_still_passes_it_through(tmp_path: Path) -> None:
+    package, result = _package(tmp_path, fn=_talk), tmp_path / "result.pkl"
+    logs = tmp_path / "logs"
+    run = _run(package, result, ASCEND_LOGS_URI=logs.as_uri(), ASCEND_ATTEMPT="pod-a")
+    assert run.returncode == p.ExitCode.OK
+    copy = (logs / "pod-a.log").read_text()
+    for line in ("from print", "to stderr", "from the file descriptor"):
+        assert line in copy
+        assert line in run.stdout, "output still reaches the pod's log stream"

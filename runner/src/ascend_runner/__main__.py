@@ -10,10 +10,13 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ascend_runner import _storage
 from ascend_runner import protocol as p
+
+if TYPE_CHECKING:
+    from ascend_runner._output import OutputCopy
 
 
 class _Abort(Exception):
@@ -193,12 +196,33 @@ def main() -> NoReturn:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(line_buffering=True)
+    logs_uri = os.environ.get(p.ENV_LOGS_URI)
+    copy = None
+    if logs_uri:  # imported only when used: every import delays each call's start
+        from ascend_runner._output import OutputCopy
+
+        copy = OutputCopy()
     try:
         code = _run(os.environ)
     except _Abort as abort:
         _say(str(abort))
         code = abort.code
+    finally:
+        if copy is not None and logs_uri:
+            _keep_output(copy, logs_uri)
     sys.exit(int(code))
+
+
+def _keep_output(copy: OutputCopy, logs_uri: str) -> None:
+    from ascend_runner._output import upload
+
+    data = copy.finish()
+    attempt = os.environ.get(p.ENV_ATTEMPT) or str(os.getpid())
+    try:
+        options = p.load_json_env(os.environ.get(p.ENV_STORAGE_OPTIONS))
+        upload(f"{logs_uri.rstrip('/')}/{attempt}.log", data, options)
+    except Exception as exc:  # the call's outcome matters more than its log copy
+        _say(f"could not store a copy of the output: {exc!r}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,20 @@ def read_bytes(url: str, options: dict[str, Any]) -> Buffer:
         return data
 
 
+def write(url: str, parts: Sequence[Buffer], options: dict[str, Any]) -> None:
+    """Write (or replace) an object."""
+    path = local_path(url)
+    if path is None:
+        from ascend_runner import _objectstore
+
+        _objectstore.write_bytes(url, list(parts), options)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        for part in parts:
+            f.write(part)
+
+
 def exists(url: str, options: dict[str, Any]) -> bool:
     path = local_path(url)
     if path is None:

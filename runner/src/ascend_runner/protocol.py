@@ -57,6 +57,8 @@ ENV_SIGNING_KEY: Final = "ASCEND_SIGNING_KEY"
 """Hex key for the HMAC over packages and results; when set, unsigned packages are refused."""
 ENV_ATTEMPT: Final = "ASCEND_ATTEMPT"
 """A name for this attempt (pod name, or a counter on the local backend)."""
+ENV_LOGS_URI: Final = "ASCEND_LOGS_URI"
+"""When set: a folder where the runner stores a copy of its output as ``{attempt}.log``."""
 ENV_SKIP_DONE: Final = "ASCEND_SKIP_DONE"
 """When ``1``, items whose result is already published are not run again (retries)."""
 

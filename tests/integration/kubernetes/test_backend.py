@@ -71,6 +71,12 @@ def test_a_call_runs_as_a_job_and_returns_its_value(on_cluster: K8sCluster) -> N
     assert "secretKeyRef" in env["ASCEND_SIGNING_KEY"]["valueFrom"], (
         "the key never appears as a plain value"
     )
+    # A copy of the pod's output stays in the job's folder after the pod is gone.
+    folder = (
+        Path(ascend.configure().user_prefix.removeprefix("file://")) / "jobs" / fut.job_id / "logs"
+    )
+    copies = list(folder.glob("*.log"))
+    assert len(copies) == 1 and "adding 2 and 3" in copies[0].read_text()
 
 
 def test_remote_exception_keeps_its_type(on_cluster: K8sCluster) -> None:

@@ -85,6 +85,7 @@ def _env(job: Job) -> list[dict[str, Any]]:
     unit = job.units[0]
     runner_env = job.runner_env(unit)
     runner_env.pop(protocol.ENV_SIGNING_KEY)  # from a Secret, never a plain value
+    runner_env[protocol.ENV_LOGS_URI] = job.paths.logs  # logs outlive the pod
     if job.is_map:
         runner_env.pop(protocol.ENV_INDEX)  # each pod gets JOB_COMPLETION_INDEX instead
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(runner_env.items())]
