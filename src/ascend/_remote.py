@@ -134,7 +134,10 @@ class RemoteFunction(Generic[P, R]):
             raise ConfigError(f"chunksize={chunksize!r} must be a positive integer.")
         job_id = _job_id(self.__wrapped__.__name__)
         n = len(items)
-        size = chunksize or max(1, math.ceil(n / (settings.max_workers * _CHUNKS_PER_WORKER)))
+        if chunksize is None and backend == "kubernetes":
+            size = 1  # one item per pod: Kubernetes spreads them over the nodes
+        else:
+            size = chunksize or max(1, math.ceil(n / (settings.max_workers * _CHUNKS_PER_WORKER)))
         units = tuple(
             WorkUnit(c, range(start, min(start + size, n)))
             for c, start in enumerate(range(0, n, size))

@@ -406,3 +406,34 @@ def test_a_lost_node_is_retried_when_retries_allow(on_cluster: K8sCluster, tmp_p
     node.start()
     node.wait_ready()
     assert fut.result(timeout=180) == 2
+
+
+@ascend.remote
+def grid_point(x: int) -> int:
+    if x in (17, 101, 160):
+        raise ValueError(f"bad point {x}")
+    print(f"point {x}", flush=True)
+    return x * x
+
+
+@pytest.mark.slow
+def test_a_200_item_map_is_one_indexed_job_with_failures_in_place(on_cluster: K8sCluster) -> None:
+    mf = grid_point.map(range(200), return_exceptions=True)
+    results = mf.result(timeout=900)
+    assert len(results) == 200
+    for x, value in enumerate(results):
+        if x in (17, 101, 160):
+            assert isinstance(value, ValueError) and str(value) == f"bad point {x}"
+        else:
+            assert value == x * x
+    jobs = _jobs(on_cluster, mf.job_id)
+    assert len(jobs) == 1 and jobs[0]["spec"]["completionMode"] == "Indexed"
+    assert jobs[0]["spec"]["completions"] == 200
+    assert list(mf.futures[5].logs()) == ["point 5"]
+
+
+def test_a_map_without_return_exceptions_stops_at_the_first_failure(on_cluster: K8sCluster) -> None:
+    mf = grid_point.map([1, 2, 17, 3])
+    with pytest.raises(ValueError, match="bad point 17"):
+        mf.result(timeout=300)
+    wait_until(lambda: not _jobs(on_cluster, mf.job_id), 60, "the map's Job to be deleted")

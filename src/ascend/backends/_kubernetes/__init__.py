@@ -22,7 +22,6 @@ import anyio
 from ascend._config import Settings
 from ascend._errors import (
     AscendError,
-    ConfigError,
     DeadlineExceeded,
     ImagePullError,
     OOMKilled,
@@ -51,6 +50,7 @@ _CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError"}
 _TAIL = 20
 _MAX_LOG_STREAMS = 48
 _LOG_DRAIN = 5.0
+_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 
 def _true_condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -58,6 +58,15 @@ def _true_condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
         if cond.get("type") == kind and cond.get("status") == "True":
             return dict(cond)
     return None
+
+
+def _index_of(pod: dict[str, Any]) -> int:
+    """The completion index of an Indexed Job's pod (0 for a single call's)."""
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    try:
+        return int(annotations.get(_INDEX_ANNOTATION, 0))
+    except ValueError:
+        return 0
 
 
 class _Namespace:
@@ -130,24 +139,55 @@ class _Tracker:
         self.ns = ns
         self.grace = grace
         self.done = anyio.Event()
-        self.error: AscendError | None = None
         self.uid: str | None = None
         self.pods: dict[str, dict[str, Any]] = {}
         self.tail: deque[str] = deque(maxlen=_TAIL)
-        self._followed: set[str] = set()
-        self.log_tasks: list[asyncio.Task[None]] = []
         self._not_created_task: asyncio.Task[None] | None = None
-        self._started = False
+        self._started: set[int] = set()
+        self._settled: set[int] = set()
+        self._pod_logs: dict[str, asyncio.Task[None]] = {}
+        self._ever_scheduled = False
+        self.errors: list[AscendError] = []
+        self._notified = 0
         self._unschedulable_task: asyncio.Task[None] | None = None
         self._where = f"{job.name} (job {job.job_id})"
 
     # -- outcome -----------------------------------------------------------------------
 
     def _finish(self, error: AscendError | None = None) -> None:
-        if self.done.is_set():
+        """Settle every work unit that has no outcome yet."""
+        for index in range(len(self.job.units)):
+            self._settle(index, error)
+
+    def _settle(self, index: int, error: AscendError | None) -> None:
+        """One unit's outcome: its results are published, or ``error``."""
+        if index in self._settled or index >= len(self.job.units):
             return
-        self.error = error
-        self.done.set()
+        self._settled.add(index)
+        items = self.job.units[index].items
+        if error is not None:
+            self.errors.append(error)
+            self.observer.failed(items, error)
+            self._check_done()
+            return
+        # The outcome can be known before the last lines arrive: let them in first.
+        waits = [
+            t for name, t in self._pod_logs.items() if _index_of(self.pods.get(name, {})) == index
+        ]
+        asyncio.get_running_loop().create_task(self._finished_after(waits, items))
+
+    async def _finished_after(self, waits: list[asyncio.Task[None]], items: range) -> None:
+        if waits:
+            await asyncio.wait(waits, timeout=_LOG_DRAIN)
+        self.observer.finished(items)
+        self._notified += 1
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if len(self._settled) == len(self.job.units) and self._notified + len(self.errors) >= len(
+            self.job.units
+        ):
+            self.done.set()
 
     def on_job(self, kind: str, obj: dict[str, Any]) -> None:
         if self.uid and obj["metadata"].get("uid") != self.uid:
@@ -155,16 +195,24 @@ class _Tracker:
         if kind == "DELETED":
             self._finish(WorkerFailed(f"{self._where}: its Job was deleted before it finished."))
             return
+        status = obj.get("status", {})
+        for index in protocol.parse_indexes(status.get("completedIndexes") or ""):
+            self._settle(index, None)
+        for index in protocol.parse_indexes(status.get("failedIndexes") or ""):
+            self._settle(index, self._diagnose({"reason": "FailedIndexes"}, index))
         if _true_condition(obj, "Complete") or _true_condition(obj, "SuccessCriteriaMet"):
             self._finish()
             return
         failure = _true_condition(obj, "FailureTarget") or _true_condition(obj, "Failed")
         if failure is not None:
-            self._finish(self._diagnose(failure))
+            for index in range(len(self.job.units)):
+                self._settle(index, self._diagnose(failure, index))
 
-    def _last_termination(self) -> tuple[str, dict[str, Any]] | None:
+    def _last_termination(self, index: int) -> tuple[str, dict[str, Any]] | None:
         latest: tuple[str, dict[str, Any]] | None = None
         for name, pod in self.pods.items():
+            if _index_of(pod) != index:
+                continue
             for status in pod.get("status", {}).get("containerStatuses") or []:
                 terminated = status.get("state", {}).get("terminated")
                 if terminated and (
@@ -174,20 +222,22 @@ class _Tracker:
                     latest = (name, terminated)
         return latest
 
-    def _diagnose(self, condition: dict[str, Any]) -> AscendError | None:
+    def _diagnose(self, condition: dict[str, Any], index: int = 0) -> AscendError | None:
         """The error for a failed Job, or None when the failure is the function's own
         exception (its result, published by the runner, says what it was)."""
         reason = condition.get("reason", "")
         logs = "\n".join(self.tail)
         timed_out = reason == "DeadlineExceeded" or any(
-            p.get("status", {}).get("reason") == "DeadlineExceeded" for p in self.pods.values()
+            p.get("status", {}).get("reason") == "DeadlineExceeded"
+            for p in self.pods.values()
+            if _index_of(p) == index
         )
         if timed_out:
             return DeadlineExceeded(
                 f"{self._where} ran past its timeout of {self.job.resources.timeout:g} s and was "
                 "stopped. Fix: raise timeout=... or give it less work per call."
             )
-        last = self._last_termination()
+        last = self._last_termination(index)
         if last is None:
             return WorkerFailed(
                 f"{self._where}: Job failed ({reason}: {condition.get('message', '')}).", logs=logs
@@ -230,6 +280,7 @@ class _Tracker:
         if kind == "DELETED":
             return
         self.pods[name] = obj
+        index = _index_of(obj)
         status = obj.get("status", {})
         containers = status.get("containerStatuses") or []
         state = containers[0].get("state", {}) if containers else {}
@@ -257,21 +308,25 @@ class _Tracker:
             # Evicted, preempted or its node lost. Disruptions do not count against
             # retries, but with none allowed the caller should know now, not when (or
             # if) the node comes back.
-            self._finish(
+            self._settle(
+                index,
                 WorkerFailed(
                     f"{self._where}: pod {name} on node {obj['spec'].get('nodeName')} was "
                     f"disrupted ({disrupted.get('reason')}: {disrupted.get('message', '')}). Fix: "
                     "set retries=... to run it again elsewhere when this happens."
-                )
+                ),
             )
             return
         scheduled = next(
             (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None
         )
+        if obj.get("spec", {}).get("nodeName"):
+            self._ever_scheduled = True
         if (
             scheduled
             and scheduled.get("status") == "False"
             and scheduled.get("reason") == "Unschedulable"
+            and not self._ever_scheduled  # with pods running, the rest are just queued
         ):
             if self._unschedulable_task is None:
                 self._unschedulable_task = asyncio.get_running_loop().create_task(
@@ -284,14 +339,14 @@ class _Tracker:
         if terminated.get("exitCode") in (protocol.ExitCode.OK, protocol.ExitCode.USER_EXCEPTION):
             # The runner published the result (a value or the function's exception)
             # before it exited: no need to wait for the Job controller to mark the Job.
-            self._finish()
+            self._settle(index, None)
         if "running" in state or "terminated" in state:
-            if not self._started:
-                self._started = True
-                self.observer.started(range(self.job.n_items))
-            if name not in self._followed:
-                self._followed.add(name)
-                self.log_tasks.append(asyncio.get_running_loop().create_task(self._follow(name)))
+            if index not in self._started and index < len(self.job.units):
+                self._started.add(index)
+                self.observer.started(self.job.units[index].items)
+            if name not in self._pod_logs:
+                task = asyncio.get_running_loop().create_task(self._follow(name, index))
+                self._pod_logs[name] = task
 
     def on_event(self, kind: str, obj: dict[str, Any]) -> None:
         if kind == "DELETED" or self._not_created_task is not None or self.pods:
@@ -338,10 +393,12 @@ class _Tracker:
         phase = self.pods.get(name, {}).get("status", {}).get("phase")
         return phase in (None, "Pending", "Running")
 
-    async def _follow(self, pod: str) -> None:
+    async def _follow(self, pod: str, index: int) -> None:
+        first_item = self.job.units[index].items.start if index < len(self.job.units) else 0
+
         def on_line(line: str) -> None:
             self.tail.append(line)
-            self.observer.log(0, line)
+            self.observer.log(first_item, line)
 
         async with self.ns.log_streams:
             await _logs.follow(
@@ -370,12 +427,6 @@ class KubernetesBackend:
             return self._namespaces[key]
 
     async def run(self, job: Job, observer: JobObserver) -> None:
-        if job.is_map:
-            raise ConfigError(
-                f"{job.name}.map() on the Kubernetes backend is not available in this version. "
-                "Fix: submit the calls one by one (fut = f(x) for each item) or use "
-                "backend='local'."
-            )
         ns = await self._namespace(job.settings)
         await ns.ensure_signing_secret(job)
         manifest = job_manifest(job, session=self._session)
@@ -410,9 +461,6 @@ class KubernetesBackend:
         try:
             await start(tracker)
             await tracker.done.wait()
-            if tracker.log_tasks:
-                # The outcome can be known before the last lines arrive: let them in.
-                await asyncio.wait(tracker.log_tasks, timeout=_LOG_DRAIN)
         except BaseException:
             if tracker.uid and not (job.settings.detach and observer.wanted(range(job.n_items))):
                 with anyio.CancelScope(shield=True):
@@ -421,12 +469,9 @@ class KubernetesBackend:
         finally:
             for informer in (ns.jobs, ns.pods, ns.events):
                 informer.unsubscribe(job.job_id)
-        if tracker.error is not None:
+        if tracker.errors:
             # Stop whatever is left (an unschedulable pod, an image that never comes).
             await self._delete(ns, job.job_id, tracker.uid)
-            observer.failed(range(job.n_items), tracker.error)
-        else:
-            observer.finished(range(job.n_items))
 
     async def _delete(self, ns: _Namespace, name: str, uid: str | None) -> None:
         body: dict[str, Any] = {
