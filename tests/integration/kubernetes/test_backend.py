@@ -40,6 +40,34 @@ def _jobs(cluster: K8sCluster, job_id: str) -> list[dict]:
     return json.loads(out.stdout)["items"]
 
 
+def _submit_from_another_process(tmp_path: Path, body: str, *, detach: bool) -> str:
+    """Run a script that submits one call with the current settings and exits; returns
+    the call's job id (the script prints it last)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    settings = ascend.configure()
+    script = tmp_path / "client.py"
+    header = textwrap.dedent(f"""
+        import os, time
+        import ascend
+        ascend.configure(backend="kubernetes", kubeconfig={settings.kubeconfig!r},
+                         namespace={settings.namespace!r}, storage={settings.storage!r},
+                         detach={detach}, stream_logs=False)
+    """)
+    script.write_text(header + textwrap.dedent(body))
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[-1]
+
+
 @ascend.remote
 def add(a: int, b: int) -> int:
     print(f"adding {a} and {b}", flush=True)
@@ -268,21 +296,10 @@ def test_apiserver_restart_during_calls_loses_nothing_and_resolves_nothing_twice
 def test_a_second_process_reattaches_to_a_running_call(
     on_cluster: K8sCluster, tmp_path: Path
 ) -> None:
-    import subprocess
-    import sys
-    import textwrap
-
     gate = tmp_path / "gate"
-    settings = ascend.configure()
-    script = tmp_path / "submit.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import os, time
-        import ascend
-        ascend.configure(backend="kubernetes", kubeconfig={settings.kubeconfig!r},
-                         namespace={settings.namespace!r}, storage={settings.storage!r},
-                         detach=True, stream_logs=False)
-
+    job_id = _submit_from_another_process(
+        tmp_path,
+        f"""
         @ascend.remote
         def gated(path):
             print("running", flush=True)
@@ -293,17 +310,9 @@ def test_a_second_process_reattaches_to_a_running_call(
         fut = gated({str(gate)!r})
         next(iter(fut.logs()))
         print(fut.job_id, flush=True)
-    """)
+        """,
+        detach=True,
     )
-    submitted = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ.copy(),
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.split()[-1]
     assert _jobs(on_cluster, job_id), (
         "detach=True left the Job running after the first process exited"
     )
@@ -347,20 +356,9 @@ def test_a_pod_refused_by_quota_is_reported_without_waiting_for_the_deadline(
 def test_interpreter_exit_deletes_the_jobs_of_pending_calls(
     on_cluster: K8sCluster, tmp_path: Path
 ) -> None:
-    import subprocess
-    import sys
-    import textwrap
-
-    settings = ascend.configure()
-    script = tmp_path / "leave.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import time
-        import ascend
-        ascend.configure(backend="kubernetes", kubeconfig={settings.kubeconfig!r},
-                         namespace={settings.namespace!r}, storage={settings.storage!r},
-                         stream_logs=False)
-
+    job_id = _submit_from_another_process(
+        tmp_path,
+        """
         @ascend.remote
         def forever():
             print("running", flush=True)
@@ -369,17 +367,9 @@ def test_interpreter_exit_deletes_the_jobs_of_pending_calls(
         fut = forever()
         next(iter(fut.logs()))
         print(fut.job_id, flush=True)
-    """)
+        """,
+        detach=False,
     )
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ.copy(),
-    )
-    assert done.returncode == 0, done.stderr
-    job_id = done.stdout.split()[-1]
     wait_until(lambda: not _jobs(on_cluster, job_id), 60, "the abandoned call's Job to be deleted")
 
 
