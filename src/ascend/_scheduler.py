@@ -103,6 +103,7 @@ class _JobRun:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await backend.run(self.job, self)
+            self._fail_unsettled()
         except Exception as raised:
             error = exc = _unwrap(raised)
             if not isinstance(exc, AscendError):
@@ -116,6 +117,17 @@ class _JobRun:
                 fut._log.close()
             self._scheduler._runs.discard(self)
             self.stopped.set()
+
+    def _fail_unsettled(self) -> None:
+        """A future must never wait forever: the backend is done, so say so."""
+        for fut in self._futures:
+            fut._fail(
+                AscendError(
+                    f"{self.job.name} (job {self.job.job_id}): the {self._backend_name} backend "
+                    "finished without reporting an outcome for this call. Its output and "
+                    f"files are in {self.job.paths.root}."
+                )
+            )
 
     async def _reattach(self, storage: Storage) -> None:
         """Follow a job another process submitted, from its meta.json and the backend."""
@@ -148,6 +160,7 @@ class _JobRun:
                     f"{meta['backend']} backend cannot follow a call started by another "
                     "process. Fix: attach again once it has finished."
                 )
+        self._fail_unsettled()
 
     async def _upload(self, storage: Storage) -> None:
         job = self.job
