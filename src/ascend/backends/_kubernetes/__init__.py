@@ -50,6 +50,7 @@ _CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError"}
 _TAIL = 20
 _MAX_LOG_STREAMS = 48
 _LOG_DRAIN = 5.0
+_LATE_POD_EVENTS = 2.0
 _INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 
@@ -199,14 +200,25 @@ class _Tracker:
         for index in protocol.parse_indexes(status.get("completedIndexes") or ""):
             self._settle(index, None)
         for index in protocol.parse_indexes(status.get("failedIndexes") or ""):
-            self._settle(index, self._diagnose({"reason": "FailedIndexes"}, index))
+            # The Job and pod watches are not ordered: decide once the pod is seen.
+            if self._last_termination(index) is not None:
+                self._settle(index, self._diagnose({"reason": "FailedIndexes"}, index))
         if _true_condition(obj, "Complete") or _true_condition(obj, "SuccessCriteriaMet"):
             self._finish()
             return
         failure = _true_condition(obj, "FailureTarget") or _true_condition(obj, "Failed")
         if failure is not None:
             for index in range(len(self.job.units)):
-                self._settle(index, self._diagnose(failure, index))
+                if self._last_termination(index) is not None:
+                    self._settle(index, self._diagnose(failure, index))
+            if len(self._settled) < len(self.job.units):
+                asyncio.get_running_loop().create_task(self._settle_late(failure))
+
+    async def _settle_late(self, failure: dict[str, Any]) -> None:
+        """Give pod events that trail the Job's failure a moment, then settle the rest."""
+        await anyio.sleep(_LATE_POD_EVENTS)
+        for index in range(len(self.job.units)):
+            self._settle(index, self._diagnose(failure, index))
 
     def _last_termination(self, index: int) -> tuple[str, dict[str, Any]] | None:
         latest: tuple[str, dict[str, Any]] | None = None
