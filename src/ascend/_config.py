@@ -65,6 +65,8 @@ class Settings:
         progress: show a progress bar for ``map`` (``None``: only when interactive).
         unschedulable_grace: seconds a Kubernetes pod may stay unschedulable (an
             autoscaler may be adding a node) before the call fails as ``Unschedulable``.
+        kubernetes_writes_per_second: the client-side rate limit of API writes (Job
+            creates and deletes), with bursts of twice that.
     """
 
     backend: str = "local"
@@ -82,6 +84,7 @@ class Settings:
     detach: bool = False
     progress: bool | None = None
     unschedulable_grace: float = 30.0
+    kubernetes_writes_per_second: float = 20.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -104,6 +107,9 @@ class Settings:
                 "unschedulable_grace must be a number of seconds, "
                 f"not {self.unschedulable_grace!r}."
             )
+        rate = self.kubernetes_writes_per_second
+        if not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0:
+            raise ConfigError(f"kubernetes_writes_per_second must be positive, not {rate!r}.")
         if not isinstance(self.max_workers, int) or self.max_workers < 1:
             raise ConfigError(f"max_workers must be a positive integer, not {self.max_workers!r}.")
 
@@ -130,6 +136,7 @@ _ENV = {
     "detach": "ASCEND_DETACH",
     "progress": "ASCEND_PROGRESS",
     "unschedulable_grace": "ASCEND_UNSCHEDULABLE_GRACE",
+    "kubernetes_writes_per_second": "ASCEND_KUBERNETES_WRITES_PER_SECOND",
 }
 
 

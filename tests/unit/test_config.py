@@ -64,7 +64,13 @@ def test_env_values_are_parsed_and_bad_ones_named(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("backend", "slurm"), ("project", "Has Spaces"), ("max_workers", 0)]
+    ("key", "value"),
+    [
+        ("backend", "slurm"),
+        ("project", "Has Spaces"),
+        ("max_workers", 0),
+        ("kubernetes_writes_per_second", 0),
+    ],
 )
 def test_invalid_settings_are_rejected(key: str, value: object) -> None:
     with pytest.raises(ascend.ConfigError, match=key if key != "backend" else "slurm"):

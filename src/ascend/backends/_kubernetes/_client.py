@@ -100,7 +100,10 @@ class Api:
         configuration = await anyio.to_thread.run_sync(
             _load_configuration, settings.kubeconfig, settings.context
         )
-        return cls(client.ApiClient(configuration))
+        rate = settings.kubernetes_writes_per_second
+        return cls(
+            client.ApiClient(configuration), writes_per_second=rate, burst=max(int(2 * rate), 1)
+        )
 
     async def close(self) -> None:
         await self._client.close()
