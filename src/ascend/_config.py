@@ -60,13 +60,17 @@ class Settings:
         project, user: the storage layout is ``{storage}/projects/{project}/users/{user}``.
         namespace, kubeconfig, context, image, storage_secret: Kubernetes backend settings.
         max_workers: processes the local backend runs at once (default: CPU count).
-        stream_logs: print each call's output, prefixed, as it arrives.
+        stream_logs: print each call's output, prefixed, as it arrives (``True``), not at
+            all (``False``), or only for calls and map items that fail (``"failed"``:
+            their output is printed when they fail). ``fut.logs()`` has it all anyway.
         detach: leave calls running when the interpreter exits instead of cancelling them.
         progress: show a progress bar for ``map`` (``None``: only when interactive).
         unschedulable_grace: seconds a Kubernetes pod may stay unschedulable (an
             autoscaler may be adding a node) before the call fails as ``Unschedulable``.
         kubernetes_writes_per_second: the client-side rate limit of API writes (Job
             creates and deletes), with bursts of twice that.
+        blob_threshold: buffers and arguments of at least this many bytes are stored
+            once under their SHA-256 digest and shared by every call that passes them.
     """
 
     backend: str = "local"
@@ -80,11 +84,12 @@ class Settings:
     image: str | None = None
     storage_secret: str | None = None
     max_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    stream_logs: bool = True
+    stream_logs: bool | str = True
     detach: bool = False
     progress: bool | None = None
     unschedulable_grace: float = 30.0
     kubernetes_writes_per_second: float = 20.0
+    blob_threshold: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -112,11 +117,25 @@ class Settings:
             raise ConfigError(f"kubernetes_writes_per_second must be positive, not {rate!r}.")
         if not isinstance(self.max_workers, int) or self.max_workers < 1:
             raise ConfigError(f"max_workers must be a positive integer, not {self.max_workers!r}.")
+        threshold = self.blob_threshold
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
+            raise ConfigError(
+                f"blob_threshold must be a positive number of bytes, not {threshold!r}."
+            )
+        if self.stream_logs not in (True, False, "failed"):
+            raise ConfigError(
+                f"stream_logs must be True, False or 'failed', not {self.stream_logs!r}."
+            )
 
     @property
     def user_prefix(self) -> str:
         """``{storage}/projects/{project}/users/{user}``."""
         return f"{self.storage.rstrip('/')}/projects/{self.project}/users/{self.user}"
+
+    @property
+    def blobs(self) -> str:
+        """The folder of this user's content-addressed blobs (``sha256/{digest}``)."""
+        return f"{self.user_prefix}/blobs"
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -137,6 +156,7 @@ _ENV = {
     "progress": "ASCEND_PROGRESS",
     "unschedulable_grace": "ASCEND_UNSCHEDULABLE_GRACE",
     "kubernetes_writes_per_second": "ASCEND_KUBERNETES_WRITES_PER_SECOND",
+    "blob_threshold": "ASCEND_BLOB_THRESHOLD",
 }
 
 
@@ -151,6 +171,8 @@ def _coerce(name: str, raw: str, source: str) -> Any:
             return value
         if "bool" in str(kind):
             lowered = raw.strip().lower()
+            if name == "stream_logs" and lowered == "failed":
+                return "failed"
             if lowered in ("1", "true", "yes", "on"):
                 return True
             if lowered in ("0", "false", "no", "off"):

@@ -145,6 +145,8 @@ class Future(concurrent.futures.Future[T]):
         self._status: Status = "pending"
         self._log = _LogBuffer()
         self._cancel_hook: Callable[[], None] | None = None
+        # Set when the output was not streamed but stored: reads it on first logs().
+        self._log_loader: Callable[[], list[str]] | None = None
 
     @property
     def job_id(self) -> str:
@@ -221,8 +223,23 @@ class Future(concurrent.futures.Future[T]):
         return get_scheduler().attach(job_id, _config.current())
 
     def logs(self, *, follow: bool = True) -> LogStream:
-        """The call's output lines so far and, with ``follow``, those still to come."""
+        """The call's output lines so far and, with ``follow``, those still to come.
+
+        Map items whose output is not streamed live (``stream_logs`` other than ``True``
+        on Kubernetes) have theirs once they finish, read from the job's storage folder.
+        """
+        loader, self._log_loader = self._log_loader, None
+        if loader is not None:
+            self._set_output(loader())
         return LogStream(self._log, follow=follow)
+
+    def _set_output(self, lines: list[str]) -> None:
+        """Replace the output lines with a complete, closed set (read from storage)."""
+        buffer = _LogBuffer()
+        for line in lines:
+            buffer.append(line)
+        buffer.close()
+        self._log = buffer
 
     def __repr__(self) -> str:
         return f"<ascend.{type(self).__name__} {self._name} job={self._job_id} state={self.status}>"
@@ -339,6 +356,26 @@ class MapFuture(Future[list[T]], Generic[T]):
             return_exceptions=return_exceptions,
             cancel_rest_on_error=not return_exceptions,
             on_child_done=on_item_done,
+        )
+
+    @classmethod
+    def attach(cls, job_id: str, *, return_exceptions: bool = False) -> MapFuture[Any]:
+        """A map future for a map submitted earlier — by this process or another one.
+
+        Reads the map's ``meta.json`` from storage (a short blocking read), then follows
+        its Indexed Job: items already finished resolve from their published results,
+        the others as they finish. Uses the current settings to find the job.
+
+        Example::
+
+            grid = ascend.MapFuture.attach("train-1f2e3d4c5b", return_exceptions=True)
+            for metrics in grid: ...
+        """
+        from ascend import _config
+        from ascend._scheduler import get_scheduler
+
+        return get_scheduler().attach_map(
+            job_id, _config.current(), return_exceptions=return_exceptions
         )
 
     @property

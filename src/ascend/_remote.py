@@ -23,6 +23,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _CHUNKS_PER_WORKER = 4
+MAX_CHUNKS = 100_000
+"""Runner processes per map: Kubernetes caps an Indexed Job's completions at 100,000."""
 
 
 def _job_id(name: str) -> str:
@@ -72,14 +74,20 @@ class RemoteFunction(Generic[P, R]):
         """Submit one call; returns its future immediately."""
         settings, backend, key = self._context()
         job_id = _job_id(self.__wrapped__.__name__)
+        what = f"{self._name}() or its arguments"
+        blobs = _serialization.Blobs(settings.blob_threshold)
+        shipped_args, shipped_kwargs = blobs.arguments(args, kwargs, what)
         package = _serialization.encode(
             "package",
-            {"fn": self.__wrapped__, "args": args, "kwargs": kwargs},
-            f"{self._name}() or its arguments",
+            {"fn": self.__wrapped__, "args": shipped_args, "kwargs": shipped_kwargs},
+            what,
             key,
+            blobs,
         )
         fut: Future[R] = Future(job_id, self._name)
-        self._submit(settings, backend, key, job_id, (WorkUnit(0, range(1)),), [fut], package, [])
+        self._submit(
+            settings, backend, key, job_id, (WorkUnit(0, range(1)),), [fut], package, [], blobs
+        )
         return fut
 
     def map(
@@ -88,16 +96,19 @@ class RemoteFunction(Generic[P, R]):
         return_exceptions: bool = False,
         chunksize: int | None = None,
         progress: bool | ProgressCallback | None = None,
+        max_parallel: int | None = None,
     ) -> MapFuture[R]:
         """Call the function once per item of ``zip(*iterables)``; one future for all.
 
         Args:
             return_exceptions: put failures in the result list instead of raising the
                 first one (which otherwise cancels the remaining items).
-            chunksize: items per runner process (default: the items spread over about
-                four chunks per worker).
+            chunksize: items per runner process (default: one per pod on Kubernetes;
+                locally, the items spread over about four chunks per worker).
             progress: ``True``/``False`` for the progress bar (default: when interactive),
                 or a callable receiving :class:`ascend.Progress` snapshots.
+            max_parallel: at most this many runner processes (pods) at once
+                (default: as many as the cluster schedules; locally ``max_workers``).
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable of arguments.")
@@ -106,6 +117,7 @@ class RemoteFunction(Generic[P, R]):
             return_exceptions,
             chunksize,
             progress,
+            max_parallel,
         )
 
     def starmap(
@@ -114,10 +126,15 @@ class RemoteFunction(Generic[P, R]):
         return_exceptions: bool = False,
         chunksize: int | None = None,
         progress: bool | ProgressCallback | None = None,
+        max_parallel: int | None = None,
     ) -> MapFuture[R]:
         """Like :meth:`map`, with each item already a tuple of arguments."""
         return self._map(
-            [(tuple(args), {}) for args in iterable], return_exceptions, chunksize, progress
+            [(tuple(args), {}) for args in iterable],
+            return_exceptions,
+            chunksize,
+            progress,
+            max_parallel,
         )
 
     def _map(
@@ -126,32 +143,48 @@ class RemoteFunction(Generic[P, R]):
         return_exceptions: bool,
         chunksize: int | None,
         progress: bool | ProgressCallback | None,
+        max_parallel: int | None,
     ) -> MapFuture[R]:
         settings, backend, key = self._context()
-        if chunksize is not None and (
-            isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
-        ):
-            raise ConfigError(f"chunksize={chunksize!r} must be a positive integer.")
+        for name, value in (("chunksize", chunksize), ("max_parallel", max_parallel)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"{name}={value!r} must be a positive integer (or None).")
         job_id = _job_id(self.__wrapped__.__name__)
         n = len(items)
-        if chunksize is None and backend == "kubernetes":
-            size = 1  # one item per pod: Kubernetes spreads them over the nodes
-        else:
-            size = chunksize or max(1, math.ceil(n / (settings.max_workers * _CHUNKS_PER_WORKER)))
+        size = chunksize or (
+            # One item per pod: Kubernetes spreads them over the nodes.
+            1
+            if backend == "kubernetes"
+            else max(1, math.ceil(n / (settings.max_workers * _CHUNKS_PER_WORKER)))
+        )
+        if math.ceil(n / size) > MAX_CHUNKS:
+            if chunksize is not None:
+                raise ConfigError(
+                    f"map of {n} items with chunksize={chunksize} needs "
+                    f"{math.ceil(n / size)} runner processes; one map allows {MAX_CHUNKS} "
+                    f"(the Kubernetes limit on an Indexed Job's completions). Fix: use "
+                    f"chunksize={math.ceil(n / MAX_CHUNKS)} or more, or leave it unset."
+                )
+            size = math.ceil(n / MAX_CHUNKS)
         units = tuple(
             WorkUnit(c, range(start, min(start + size, n)))
             for c, start in enumerate(range(0, n, size))
         )
-        package = _serialization.encode("package", {"fn": self.__wrapped__}, f"{self._name}()", key)
-        inputs = [
-            _serialization.encode(
-                "input",
-                {"first": u.items.start, "items": items[u.items.start : u.items.stop]},
-                f"the arguments of {self._name}() items {u.items.start}-{u.items.stop - 1}",
-                key,
+        blobs = _serialization.Blobs(settings.blob_threshold)
+        package = _serialization.encode(
+            "package", {"fn": self.__wrapped__}, f"{self._name}()", key, blobs
+        )
+        inputs = []
+        for u in units:
+            what = f"the arguments of {self._name}() items {u.items.start}-{u.items.stop - 1}"
+            chunk = [blobs.arguments(a, k, what) for a, k in items[u.items.start : u.items.stop]]
+            inputs.append(
+                _serialization.encode(
+                    "input", {"first": u.items.start, "items": chunk}, what, key, blobs
+                )
             )
-            for u in units
-        ]
         futures: list[Future[R]] = [Future(job_id, f"{self._name}[{i}]") for i in range(n)]
         tracker = Tracker.create(
             n, self._name, progress if progress is not None else settings.progress
@@ -173,7 +206,19 @@ class RemoteFunction(Generic[P, R]):
             on_item_done=on_item_done,
         )
         if n:
-            self._submit(settings, backend, key, job_id, units, futures, package, inputs, tracker)
+            self._submit(
+                settings,
+                backend,
+                key,
+                job_id,
+                units,
+                futures,
+                package,
+                inputs,
+                blobs,
+                tracker,
+                max_parallel=max_parallel,
+            )
         return result
 
     def _submit(
@@ -186,7 +231,10 @@ class RemoteFunction(Generic[P, R]):
         futures: list[Future[R]],
         package: list[Buffer],
         inputs: list[list[Buffer]],
+        blobs: _serialization.Blobs,
         tracker: Tracker | None = None,
+        *,
+        max_parallel: int | None = None,
     ) -> None:
         """Hand the job to the scheduler; a map is any job with inputs."""
         job = Job(
@@ -198,9 +246,12 @@ class RemoteFunction(Generic[P, R]):
             is_map=bool(inputs),
             units=units,
             signing_key=key,
+            max_parallel=max_parallel,
         )
         scheduler = get_scheduler()
-        scheduler.submit(_JobRun(scheduler, job, backend, futures, package, inputs, tracker))
+        scheduler.submit(
+            _JobRun(scheduler, job, backend, futures, package, inputs, tracker, blobs.content)
+        )
 
     def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function here, in this process (for debugging: breakpoints work)."""

@@ -14,11 +14,12 @@ import atexit
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -26,17 +27,18 @@ import anyio
 from ascend import _serialization
 from ascend._config import Settings
 from ascend._errors import AscendError, ResultMissing
-from ascend._future import Future
+from ascend._future import Future, MapFuture
 from ascend._logging import logger
 from ascend._progress import Tracker
 from ascend._resources import Resources
-from ascend._storage import Storage
-from ascend.backends import Backend, Job, create_backend
+from ascend._storage import JobPaths, Storage
+from ascend.backends import Backend, Job, WorkUnit, create_backend
 from ascend_runner import protocol
 
 log = logger
 
 _SHUTDOWN_TIMEOUT = 10.0
+_OUTPUT_READ_TIMEOUT = 60.0
 
 
 class _JobRun:
@@ -54,6 +56,7 @@ class _JobRun:
         package: list[protocol.Buffer],
         inputs: Sequence[list[protocol.Buffer]],
         tracker: Tracker | None,
+        blobs: Mapping[str, memoryview] | None = None,
         *,
         attach: bool = False,
     ) -> None:
@@ -64,6 +67,8 @@ class _JobRun:
         self._futures = list(futures)
         self._package: list[protocol.Buffer] | None = package
         self._inputs: Sequence[list[protocol.Buffer]] | None = inputs
+        self._blobs = dict(blobs or {})
+        self._copies: dict[int, tuple[int, list[str]]] = {}
         self._tracker = tracker
         self._handle: concurrent.futures.Future[None] | None = None
         self._cancel_requested = False
@@ -110,8 +115,8 @@ class _JobRun:
                 log.exception("job failed unexpectedly", job=self.job.job_id)
                 error = AscendError(f"{self.job.name} (job {self.job.job_id}) failed: {exc!r}")
                 error.__cause__ = exc
-            for fut in self._futures:
-                fut._fail(error)
+            for i in range(len(self._futures)):
+                self._fail(i, error)
         finally:
             for fut in self._futures:
                 fut._log.close()
@@ -120,29 +125,20 @@ class _JobRun:
 
     def _fail_unsettled(self) -> None:
         """A future must never wait forever: the backend is done, so say so."""
-        for fut in self._futures:
-            fut._fail(
+        for i in range(len(self._futures)):
+            self._fail(
+                i,
                 AscendError(
                     f"{self.job.name} (job {self.job.job_id}): the {self._backend_name} backend "
                     "finished without reporting an outcome for this call. Its output and "
                     f"files are in {self.job.paths.root}."
-                )
+                ),
             )
 
     async def _reattach(self, storage: Storage) -> None:
         """Follow a job another process submitted, from its meta.json and the backend."""
         job = self.job
-        try:
-            meta = await storage.read_json(job.paths.meta)
-        except FileNotFoundError:
-            raise AscendError(
-                f"no job {job.job_id!r} under {job.settings.user_prefix}. Fix: attach with the "
-                "storage, project and user the job was submitted with."
-            ) from None
-        if meta.get("kind") != "call":
-            raise AscendError(
-                f"job {job.job_id} is a {meta.get('kind')}; only calls can be re-attached yet."
-            )
+        meta = await read_meta(storage, job)
         known = {"gpu", "cpu", "memory", "timeout", "retries", "requirements", "image", "node_type"}
         resources = Resources.build(**{k: v for k, v in meta["resources"].items() if k in known})
         self.job = job = dataclasses.replace(job, name=meta["function"], resources=resources)
@@ -152,14 +148,26 @@ class _JobRun:
             attach = getattr(backend, "attach", None)
             if attach is not None:
                 await attach(job, self)
-            elif await storage.exists(job.paths.result):
-                self.finished(range(1))
             else:
-                raise AscendError(
-                    f"{job.name} (job {job.job_id}) has no result yet, and the "
-                    f"{meta['backend']} backend cannot follow a call started by another "
-                    "process. Fix: attach again once it has finished."
-                )
+                # Without a cluster to ask, storage tells what has finished.
+                done = [
+                    i
+                    for i in range(job.n_items)
+                    if await storage.exists(
+                        job.paths.item_result(i) if job.is_map else job.paths.result
+                    )
+                ]
+                for i in done:
+                    self.finished(range(i, i + 1))
+                if len(done) < job.n_items:
+                    self.failed(
+                        range(job.n_items),
+                        AscendError(
+                            f"{job.name} (job {job.job_id}) has no result yet, and the "
+                            f"{meta['backend']} backend cannot follow a job started by another "
+                            "process. Fix: attach again once it has finished."
+                        ),
+                    )
         self._fail_unsettled()
 
     async def _upload(self, storage: Storage) -> None:
@@ -168,6 +176,10 @@ class _JobRun:
         assert package is not None and inputs is not None
         self._package = self._inputs = None  # the bytes are not needed once stored
         hashes = {"package.pkl": _serialization.digest(package)}
+        blobs, self._blobs = self._blobs, {}
+        async with anyio.create_task_group() as tg:  # before anything that refers to them
+            for digest, data in blobs.items():
+                tg.start_soon(storage.put_blob, protocol.blob_url(job.settings.blobs, digest), data)
         async with anyio.create_task_group() as tg:
             tg.start_soon(storage.write, job.paths.package, package)
             for index, parts in enumerate(inputs):
@@ -187,6 +199,8 @@ class _JobRun:
                 "platform": sys.platform,
             },
             "hashes": hashes,
+            "blobs": sorted(blobs),
+            "units": [[u.items.start, u.items.stop] for u in job.units],
         }
         await storage.write_json(job.paths.meta, meta)
 
@@ -195,9 +209,22 @@ class _JobRun:
     def log(self, item: int, line: str) -> None:
         fut = self._futures[item]
         fut._log.append(line)
-        if self.job.settings.stream_logs:
-            tag = f"{self.job.job_id}#{item}" if self.job.is_map else self.job.job_id
-            print(f"[{tag}] {line}", flush=True)
+        if self.job.settings.stream_logs is True:
+            print(f"[{self._tag(item)}] {line}", flush=True)
+
+    def _tag(self, item: int) -> str:
+        return f"{self.job.job_id}#{item}" if self.job.is_map else self.job.job_id
+
+    def _fail(self, item: int, error: BaseException) -> None:
+        """Fail one item; with ``stream_logs="failed"``, its output is printed now."""
+        fut = self._futures[item]
+        if fut.done():
+            return
+        if self.job.settings.stream_logs == "failed":
+            tag = self._tag(item)
+            lines = fut._log.snapshot()
+            print(f"[{tag}] failed: {error!r}" + "".join(f"\n[{tag}] {x}" for x in lines))
+        fut._fail(error)
 
     def started(self, items: range) -> None:
         count = 0
@@ -214,10 +241,51 @@ class _JobRun:
 
     def failed(self, items: range, error: AscendError) -> None:
         for i in items:
-            self._futures[i]._fail(error)
+            if self._print_failed and self._futures[i]._log_loader is not None:
+                assert self._tg is not None
+                self._tg.start_soon(self._fail_with_output, i, error)
+            else:
+                self._fail(i, error)
 
     def wanted(self, items: range) -> bool:
         return any(not self._futures[i].done() for i in items)
+
+    def output_copies(self, items: range, urls: list[str]) -> None:
+        for i in items:
+            self._copies[i] = (items.start, urls)
+            self._futures[i]._log_loader = functools.partial(self._load_output, i)
+
+    @property
+    def _print_failed(self) -> bool:
+        return self.job.settings.stream_logs == "failed"
+
+    def _load_output(self, item: int) -> list[str]:
+        """The item's stored output, read on the loop for a caller in another thread."""
+        loop = self._scheduler._loop
+        assert loop is not None
+        return asyncio.run_coroutine_threadsafe(self._read_output(item), loop).result(
+            _OUTPUT_READ_TIMEOUT
+        )
+
+    async def _read_output(self, item: int) -> list[str]:
+        first, urls = self._copies.get(item, (item, []))
+        assert self._storage is not None
+        lines: list[str] = []
+        for url in urls:
+            try:
+                data = await self._storage.read(url)
+            except (FileNotFoundError, AscendError):
+                continue  # a pod killed before it could store its copy
+            lines.extend(bytes(data).decode(errors="replace").splitlines())
+        return protocol.lines_by_item(lines, first).get(item, [])
+
+    async def _fail_with_output(self, item: int, error: BaseException) -> None:
+        """Fail an item whose output is in storage, printing that output first."""
+        fut = self._futures[item]
+        if fut._log_loader is not None:
+            fut._log_loader = None
+            fut._set_output(await self._read_output(item))
+        self._fail(item, error)
 
     # -- results -----------------------------------------------------------------------
 
@@ -236,20 +304,41 @@ class _JobRun:
             data = await self._storage.read(url)
             status, payload = _serialization.decode(data, f"the result of {where}", job.signing_key)
         except FileNotFoundError:
-            fut._fail(
+            self._fail(
+                index,
                 ResultMissing(
                     f"{where} finished, but no result was published at {url}. Check that "
                     "the runner and this client use the same storage URL."
-                )
+                ),
             )
             return
         except AscendError as exc:
-            fut._fail(exc)
+            self._fail(index, exc)
             return
         if status == "ok":
             fut._resolve(payload)
+        elif self._print_failed and fut._log_loader is not None:
+            await self._fail_with_output(index, _serialization.rebuild_exception(payload, where))
         else:
-            fut._fail(_serialization.rebuild_exception(payload, where))
+            self._fail(index, _serialization.rebuild_exception(payload, where))
+
+
+async def read_meta(storage: Storage, job: Job) -> dict[str, Any]:
+    """A submitted job's meta.json, checked to be the kind of job being attached."""
+    try:
+        meta: dict[str, Any] = await storage.read_json(job.paths.meta)
+    except FileNotFoundError:
+        raise AscendError(
+            f"no job {job.job_id!r} under {job.settings.user_prefix}. Fix: attach with the "
+            "storage, project and user the job was submitted with."
+        ) from None
+    kind = meta.get("kind")
+    if kind != ("map" if job.is_map else "call"):
+        other = "MapFuture" if kind == "map" else "Future"
+        raise AscendError(
+            f"job {job.job_id} is a {kind}. Fix: attach it with ascend.{other}.attach()."
+        )
+    return meta
 
 
 def _unwrap(error: BaseException) -> BaseException:
@@ -310,23 +399,43 @@ class Scheduler:
 
     def attach(self, job_id: str, settings: Settings) -> Future[Any]:
         """A future for a call submitted earlier, perhaps by another process."""
-        from ascend import _serialization
-        from ascend._storage import JobPaths
-        from ascend.backends import WorkUnit
-
         fut: Future[Any] = Future(job_id, job_id)
-        job = Job(
+        job = self._attached_job(job_id, settings, is_map=False, units=(WorkUnit(0, range(1)),))
+        self.submit(_JobRun(self, job, settings.backend, [fut], [], [], None, attach=True))
+        return fut
+
+    def attach_map(
+        self, job_id: str, settings: Settings, *, return_exceptions: bool
+    ) -> MapFuture[Any]:
+        """A map future for a map submitted earlier; reads its meta.json first (blocking)."""
+        assert self._loop is not None
+        probe = self._attached_job(job_id, settings, is_map=True, units=())
+        meta = asyncio.run_coroutine_threadsafe(
+            read_meta(self.storage(settings), probe), self._loop
+        ).result()
+        units = tuple(WorkUnit(i, range(a, b)) for i, (a, b) in enumerate(meta["units"]))
+        name = str(meta["function"])
+        futures: list[Future[Any]] = [
+            Future(job_id, f"{name}[{i}]") for i in range(int(meta["items"]))
+        ]
+        job = dataclasses.replace(probe, name=name, units=units)
+        self.submit(_JobRun(self, job, settings.backend, futures, [], [], None, attach=True))
+        return MapFuture(job_id, name, futures, return_exceptions=return_exceptions)
+
+    @staticmethod
+    def _attached_job(
+        job_id: str, settings: Settings, *, is_map: bool, units: tuple[WorkUnit, ...]
+    ) -> Job:
+        return Job(
             job_id=job_id,
             name=job_id,
             resources=Resources(),
             settings=settings,
             paths=JobPaths.of(settings.user_prefix, job_id),
-            is_map=False,
-            units=(WorkUnit(0, range(1)),),
+            is_map=is_map,
+            units=units,
             signing_key=_serialization.signing_key(),
         )
-        self.submit(_JobRun(self, job, settings.backend, [fut], [], [], None, attach=True))
-        return fut
 
     def submit(self, run: _JobRun) -> None:
         assert self._loop is not None

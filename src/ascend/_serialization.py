@@ -4,6 +4,11 @@ Functions and arguments are pickled with cloudpickle, protocol 5, with large buf
 (NumPy arrays, large ``bytes``) out of band. Modules that are not installed packages —
 the user's own helper files — are pickled by value, so code imported from the working
 directory works in a pod that has never seen it.
+
+Large values are stored once: every out-of-band buffer of at least ``BLOB_THRESHOLD``
+bytes, and every argument whose own pickle is that large, becomes a content-addressed
+blob (see :mod:`ascend_runner.protocol`) that the envelope refers to by digest. A 100 MB
+array passed to every item of a map is hashed once per map and uploaded once, ever.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import linecache
 import os
+import pickle
 import re
 import secrets
 import sys
@@ -75,6 +81,81 @@ def register_user_modules() -> None:
         _modules_checked = len(sys.modules)
 
 
+BLOB_THRESHOLD = 1 << 20
+"""Buffers and arguments of at least this many bytes are stored once, as blobs."""
+
+# Values that are never worth pickling on their own to measure them.
+_SMALL_TYPES = (type(None), bool, int, float, complex, str, bytes)
+
+
+class Blobs:
+    """The large buffers of one submission (a call or a whole map), by SHA-256 digest.
+
+    A buffer is hashed once per submission however many items share it: digests are
+    remembered by the identity of the object that exports the buffer (the array, the
+    ``bytes``), which this registry keeps alive so the identity cannot be reused.
+    """
+
+    def __init__(self, threshold: int = BLOB_THRESHOLD) -> None:
+        self.threshold = threshold
+        self.content: dict[str, memoryview] = {}
+        self._by_object: dict[tuple[int, int], tuple[Any, str]] = {}
+        self._arguments: dict[int, tuple[Any, Any]] = {}
+
+    def digest(self, view: memoryview) -> str:
+        key = (id(view.obj), view.nbytes)
+        known = self._by_object.get(key)
+        if known is not None and known[0] is view.obj:
+            return known[1]
+        flat = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+        digest = hashlib.sha256(flat).hexdigest()
+        self._by_object[key] = (view.obj, digest)
+        self.content.setdefault(digest, flat)
+        return digest
+
+    def argument(self, value: Any, what: str) -> Any:
+        """``value``, or a stand-in that carries it as one blob when its pickle is large."""
+        if type(value) is bytes and len(value) >= protocol.LARGE_BYTES:
+            return protocol.lift_large_bytes(value)  # out of band, then a blob
+        if type(value) in _SMALL_TYPES:
+            return value
+        known = self._arguments.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1]
+        pickled, buffers = dumps(value, what)
+        replacement = _Nested(pickled, buffers) if len(pickled) >= self.threshold else value
+        self._arguments[id(value)] = (value, replacement)
+        return replacement
+
+    def arguments(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], what: str
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (
+            tuple(self.argument(a, what) for a in args),
+            {k: self.argument(v, what) for k, v in kwargs.items()},
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.content.values())
+
+
+class _Nested:
+    """An argument pickled on its own, shipped as one out-of-band buffer (a blob)."""
+
+    __slots__ = ("buffers", "pickled")
+
+    def __init__(self, pickled: bytes, buffers: list[memoryview]) -> None:
+        self.pickled = pickled
+        self.buffers = buffers
+
+    def __reduce_ex__(self, proto: Any) -> tuple[Any, ...]:
+        return (
+            protocol.loads_nested,
+            (pickle.PickleBuffer(self.pickled), *(pickle.PickleBuffer(b) for b in self.buffers)),
+        )
+
+
 def dumps(value: Any, what: str) -> tuple[bytes, list[memoryview]]:
     """Pickle ``value``; returns the stream and the out-of-band buffers."""
     register_user_modules()
@@ -94,9 +175,15 @@ def dumps(value: Any, what: str) -> tuple[bytes, list[memoryview]]:
     return pickled, buffers
 
 
-def encode(kind: str, value: Any, what: str, key: bytes) -> list[protocol.Buffer]:
+def encode(
+    kind: str, value: Any, what: str, key: bytes, blobs: Blobs | None = None
+) -> list[protocol.Buffer]:
+    """The envelope's parts; with ``blobs``, large buffers are left out and registered."""
     pickled, buffers = dumps(value, what)
-    return protocol.encode(kind, pickled, buffers, key=key)
+    digests: list[str | None] = []
+    if blobs is not None:
+        digests = [blobs.digest(b) if b.nbytes >= blobs.threshold else None for b in buffers]
+    return protocol.encode(kind, pickled, buffers, key=key, blobs=digests)
 
 
 def digest(parts: Sequence[protocol.Buffer]) -> str:

@@ -9,11 +9,15 @@ Layout under the configured ``storage`` URL::
         inputs/{chunk}.pkl a map's inputs, one file per chunk
         results/{i}.pkl    a map item's result, published once
         logs/{attempt}.log a copy of each pod's output (Kubernetes backend)
+    projects/{project}/users/{user}/blobs/sha256/{digest}
+                           large arguments and buffers, stored once by content
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +31,7 @@ from ascend._errors import StorageError
 from ascend_runner.protocol import Buffer
 
 _CONCURRENCY = 32
+_BLOB_CONCURRENCY = 2  # each blob upload may hold one copy of the blob in memory
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,12 @@ class Storage:
         self._options = dict(options)
         self._fs: AsyncFileSystem | None = None
         self._limiter = anyio.CapacityLimiter(_CONCURRENCY)
+        self._blob_limiter = anyio.CapacityLimiter(_BLOB_CONCURRENCY)
         self._lock = anyio.Lock()
+        self._blobs_known: set[str] = set()
+        self._blob_uploads: dict[str, anyio.Event] = {}
+        self.stats: Counter[str] = Counter()
+        """Requests by kind (``write``, ``read``, ...) and ``bytes_written``."""
 
     async def _filesystem(self) -> AsyncFileSystem:
         if self._fs is not None:
@@ -120,13 +130,54 @@ class Storage:
         fs = await self._filesystem()
         path = self._path(fs, url)
         async with self._limiter:
+            self.stats["write"] += 1
+            self.stats["bytes_written"] += sum(memoryview(p).nbytes for p in parts)
             try:
                 if isinstance(fs, AsyncFileSystemWrapper):
                     await anyio.to_thread.run_sync(_write_parts, fs.sync_fs, path, parts)
                 else:
-                    await fs._pipe_file(path, b"".join(parts))
+                    await fs._pipe_file(path, _joined(parts))
             except Exception as exc:
                 raise StorageError(f"cannot write {url}: {exc!r}") from exc
+
+    async def put_blob(self, url: str, data: memoryview) -> bool:
+        """Store a content-addressed object unless it is already there.
+
+        Returns whether it was uploaded. Concurrent jobs sharing a blob upload it once;
+        blobs known to exist are not checked again by this process. Readers never see a
+        partial blob: object stores publish a PUT (or a multipart upload, aborted on
+        failure) whole, and local files are written aside and renamed.
+        """
+        while url in self._blob_uploads:
+            await self._blob_uploads[url].wait()
+        if url in self._blobs_known:
+            return False
+        done = self._blob_uploads[url] = anyio.Event()
+        try:
+            uploaded = not await self.exists(url)
+            if uploaded:
+                async with self._blob_limiter:
+                    await self._write_whole(url, data)
+            self._blobs_known.add(url)
+            return uploaded
+        finally:
+            del self._blob_uploads[url]
+            done.set()
+
+    async def _write_whole(self, url: str, data: memoryview) -> None:
+        fs = await self._filesystem()
+        if not isinstance(fs, AsyncFileSystemWrapper):
+            await self.write(url, [data])
+            return
+        staging = f"{url}.{secrets.token_hex(6)}.partial"
+        await self.write(staging, [data])
+        try:
+            await anyio.to_thread.run_sync(
+                fs.sync_fs.mv, self._path(fs, staging), self._path(fs, url)
+            )
+        except Exception as exc:
+            await self.delete(staging)
+            raise StorageError(f"cannot write {url}: {exc!r}") from exc
 
     async def write_json(self, url: str, value: Any) -> None:
         await self.write(url, [json.dumps(value, indent=2, sort_keys=True).encode()])
@@ -136,6 +187,7 @@ class Storage:
         fs = await self._filesystem()
         path = self._path(fs, url)
         async with self._limiter:
+            self.stats["read"] += 1
             try:
                 if isinstance(fs, AsyncFileSystemWrapper):
                     return await anyio.to_thread.run_sync(_read_all, fs.sync_fs, path)
@@ -152,6 +204,7 @@ class Storage:
     async def exists(self, url: str) -> bool:
         fs = await self._filesystem()
         async with self._limiter:
+            self.stats["exists"] += 1
             try:
                 return bool(await fs._exists(self._path(fs, url)))
             except Exception as exc:
@@ -162,6 +215,7 @@ class Storage:
         fs = await self._filesystem()
         path = self._path(fs, url)
         async with self._limiter:
+            self.stats["list"] += 1
             try:
                 entries = await fs._ls(path, detail=False)
             except FileNotFoundError:
@@ -173,12 +227,28 @@ class Storage:
     async def delete(self, url: str, *, recursive: bool = False) -> None:
         fs = await self._filesystem()
         async with self._limiter:
+            self.stats["delete"] += 1
             try:
                 await fs._rm(self._path(fs, url), recursive=recursive)
             except FileNotFoundError:
                 pass
             except Exception as exc:
                 raise StorageError(f"cannot delete {url}: {exc!r}") from exc
+
+
+def _joined(parts: Sequence[Buffer]) -> Buffer:
+    """One buffer for stores that take one; a lone ``bytes`` part is not copied."""
+    if len(parts) == 1:
+        only = parts[0]
+        if isinstance(only, bytes):
+            return only
+        if (
+            isinstance(only, memoryview)
+            and isinstance(only.obj, bytes)
+            and only.nbytes == len(only.obj)
+        ):
+            return only.obj
+    return b"".join(parts)
 
 
 def _write_parts(fs: Any, path: str, parts: Sequence[Buffer]) -> None:

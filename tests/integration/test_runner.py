@@ -125,3 +125,15 @@ def test_output_copy_keeps_everything_written_and_still_passes_it_through(tmp_pa
     for line in ("from print", "to stderr", "from the file descriptor"):
         assert line in copy
         assert line in run.stdout, "output still reaches the pod's log stream"
+
+
+def _quiet() -> str:
+    return "said nothing"
+
+
+def test_a_call_that_prints_nothing_leaves_no_output_copy(tmp_path: Path) -> None:
+    package, result = _package(tmp_path, fn=_quiet), tmp_path / "result.pkl"
+    logs = tmp_path / "logs"
+    run = _run(package, result, ASCEND_LOGS_URI=logs.as_uri(), ASCEND_ATTEMPT="pod-q")
+    assert run.returncode == p.ExitCode.OK and result.exists()
+    assert not logs.exists(), "an empty copy would cost a storage request per call"

@@ -93,3 +93,52 @@ def test_reserved_exit_codes_are_distinct_from_success_and_python_errors() -> No
     reserved = p.ExitCode.reserved()
     assert 0 not in reserved and 1 not in reserved and 2 not in reserved
     assert all(code >= 80 for code in reserved)
+
+
+def _blob_envelope() -> tuple[bytes, dict[str, bytes], np.ndarray]:
+    import hashlib
+
+    array = np.arange(100_000, dtype=np.float64)
+    buffers: list = []
+    pickled = cloudpickle.dumps((array, b"small"), protocol=5, buffer_callback=buffers.append)
+    raw = buffers[0].raw()
+    digest = hashlib.sha256(raw).hexdigest()
+    data = _join(p.encode("input", pickled, [raw], key=KEY, blobs=[digest]))
+    assert len(data) < 1000, "a blob is left out of the envelope"
+    return data, {digest: bytes(raw)}, array
+
+
+def test_blobs_are_fetched_by_digest_and_verified() -> None:
+    data, store, array = _blob_envelope()
+    header, offset = p.read_header(data)
+    body, oob = p.split_body(data, header, offset, key=KEY, fetch_blob=store.__getitem__)
+    restored, small = pickle.loads(body, buffers=oob)
+    np.testing.assert_array_equal(restored, array)
+    assert small == b"small"
+
+
+def test_a_blob_that_does_not_match_its_digest_is_refused() -> None:
+    data, store, _ = _blob_envelope()
+    header, offset = p.read_header(data)
+    (digest,) = store
+    with pytest.raises(p.EnvelopeError, match="does not match its digest"):
+        p.split_body(data, header, offset, key=KEY, fetch_blob=lambda d: b"\0" * len(store[d]))
+    with pytest.raises(p.EnvelopeError, match="no blob store"):
+        p.split_body(data, header, offset, key=KEY)
+    assert header.blobs == (digest,)
+
+
+def test_the_signature_covers_the_blob_digests() -> None:
+    data, store, _ = _blob_envelope()
+    (digest,) = store
+    forged = data.replace(digest.encode(), ("0" * 64).encode())
+    header, offset = p.read_header(forged)
+    with pytest.raises(p.SignatureError):
+        p.split_body(forged, header, offset, key=KEY, fetch_blob=lambda d: b"")
+
+
+def test_a_malformed_blob_digest_is_refused() -> None:
+    data, store, _ = _blob_envelope()
+    (digest,) = store
+    with pytest.raises(p.EnvelopeError, match="not a SHA-256"):
+        p.read_header(data.replace(digest.encode(), b"../../etc/passwd".ljust(64, b"x")))

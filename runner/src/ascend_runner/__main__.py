@@ -31,19 +31,31 @@ def _say(message: str) -> None:
     print(f"{p.DIAGNOSTIC_PREFIX}{message}", file=sys.stderr, flush=True)
 
 
-def _load(url: str, what: str, key: bytes | None, options: dict[str, Any]) -> Any:
+def _read(url: str, what: str, options: dict[str, Any]) -> p.Buffer:
     try:
-        data = _storage.read_bytes(url, options)
+        return _storage.read_bytes(url, options)
     except Exception as exc:
         raise _Abort(
             p.ExitCode.PACKAGE_UNREADABLE, f"cannot read the {what} {url}: {exc!r}"
         ) from exc
+
+
+def _load(
+    url: str, what: str, key: bytes | None, options: dict[str, Any], blobs: str | None
+) -> Any:
+    data = _read(url, what, options)
+
+    def fetch_blob(digest: str) -> p.Buffer:
+        if not blobs:
+            raise p.EnvelopeError(f"it refers to blob {digest}, but {p.ENV_BLOBS_URI} is not set")
+        return _read(p.blob_url(blobs, digest), f"blob of the {what}", options)
+
     try:
         header, offset = p.read_header(data)
         mismatch = p.version_mismatch(header, p.runtime_versions())
         if mismatch is not None:
             raise _Abort(p.ExitCode.VERSION_MISMATCH, f"VersionMismatch: {mismatch}")
-        pickled, buffers = p.split_body(data, header, offset, key=key)
+        pickled, buffers = p.split_body(data, header, offset, key=key, fetch_blob=fetch_blob)
     except p.EnvelopeError as exc:
         raise _Abort(p.ExitCode.PACKAGE_UNREADABLE, f"refusing the {what} {url}: {exc}") from exc
     import cloudpickle
@@ -156,8 +168,9 @@ def _run(env: os._Environ[str] | dict[str, str]) -> int:
         raise _Abort(p.ExitCode.BAD_INVOCATION, f"malformed environment: {exc}") from exc
     attempt = env.get(p.ENV_ATTEMPT) or str(os.getpid())
     skip_done = env.get(p.ENV_SKIP_DONE) == "1"
+    blobs = env.get(p.ENV_BLOBS_URI)
 
-    package = _load(package_uri, "package", key, options)
+    package = _load(package_uri, "package", key, options, blobs)
     fn = package["fn"]
     work: list[tuple[int | None, tuple[Any, ...], dict[str, Any], str]] = []
     if result_uri:
@@ -170,7 +183,7 @@ def _run(env: os._Environ[str] | dict[str, str]) -> int:
                 p.ExitCode.BAD_INVOCATION,
                 f"a map chunk needs {p.ENV_INDEX} or {p.ENV_COMPLETION_INDEX}",
             )
-        chunk = _load(input_uri.replace("{index}", index), "input", key, options)
+        chunk = _load(input_uri.replace("{index}", index), "input", key, options, blobs)
         base = results_uri.rstrip("/")
         for offset, (args, kwargs) in enumerate(chunk["items"]):
             item = chunk["first"] + offset
@@ -181,7 +194,8 @@ def _run(env: os._Environ[str] | dict[str, str]) -> int:
         if skip_done and _storage.exists(url, options):
             continue
         if item is not None and len(work) > 1:
-            _say(f"item {item}")  # lets the client attribute the output that follows
+            # Lets the client attribute the output that follows (see protocol.ITEM_MARKER).
+            print(f"{p.ITEM_MARKER}{item}", file=sys.stderr, flush=True)
         parts, failed = _outcome(fn, args, kwargs, key)
         any_failed |= failed
         _publish(url, parts, options, attempt)
@@ -217,6 +231,8 @@ def _keep_output(copy: OutputCopy, logs_uri: str) -> None:
     from ascend_runner._output import upload
 
     data = copy.finish()
+    if not data:  # nothing printed: no file, and one storage request less per call
+        return
     attempt = os.environ.get(p.ENV_ATTEMPT) or str(os.getpid())
     try:
         options = p.load_json_env(os.environ.get(p.ENV_STORAGE_OPTIONS))

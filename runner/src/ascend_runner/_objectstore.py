@@ -25,9 +25,10 @@ def _join(data: Buffer | Sequence[Buffer]) -> bytes:
     return b"".join(data)
 
 
-def read_bytes(url: str, options: dict[str, Any]) -> bytes:
+def read_bytes(url: str, options: dict[str, Any]) -> bytearray:
+    """The whole object, writable (so arrays unpickled from it are writable, as locally)."""
     fs, path = _filesystem(url, options)
-    return bytes(fs.cat_file(path))
+    return bytearray(fs.cat_file(path))
 
 
 def write_bytes(url: str, data: Buffer | Sequence[Buffer], options: dict[str, Any]) -> None:

@@ -9,9 +9,15 @@ Envelope layout (all integers big-endian)::
     b"ASCEND\\x01\\n"            8 bytes of magic, the last-but-one byte is the format version
     header length              4 bytes
     header                     UTF-8 JSON: kind, python, cloudpickle, pickle length,
-                               out-of-band buffer lengths, signature
+                               out-of-band buffer lengths, blob digests, signature
     pickle                     protocol-5 pickle stream
-    buffer 0 .. buffer n-1     out-of-band buffers, back to back
+    buffer 0 .. buffer n-1     out-of-band buffers, back to back (except blobs)
+
+An out-of-band buffer may instead be a *blob*: stored once, under its SHA-256 digest,
+in the user's ``blobs/sha256/`` folder, and left out of the envelope. The header lists
+each buffer's digest (``null`` for a buffer in the envelope); the signature covers the
+digests, and a blob is checked against its digest when it is read, so a large argument
+shared by many calls is uploaded once and still cannot be tampered with.
 
 The header can be read without unpickling anything, so the runner refuses a package
 made by another Python or cloudpickle *before* running a single byte of it, and the
@@ -31,7 +37,7 @@ import json
 import pickle
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 MAGIC: Final = b"ASCEND\x01\n"
@@ -61,6 +67,8 @@ ENV_LOGS_URI: Final = "ASCEND_LOGS_URI"
 """When set: a folder where the runner stores a copy of its output as ``{attempt}.log``."""
 ENV_SKIP_DONE: Final = "ASCEND_SKIP_DONE"
 """When ``1``, items whose result is already published are not run again (retries)."""
+ENV_BLOBS_URI: Final = "ASCEND_BLOBS_URI"
+"""The folder of content-addressed blobs: a blob is ``{folder}/sha256/{hex digest}``."""
 
 
 class ExitCode(enum.IntEnum):
@@ -91,6 +99,20 @@ class ExitCode(enum.IntEnum):
 
 DIAGNOSTIC_PREFIX: Final = "ascend-runner: "
 """The runner's own stderr lines start with this; the last one names the failure."""
+ITEM_MARKER: Final = f"{DIAGNOSTIC_PREFIX}item "
+"""In a chunk of several map items, the runner prints this and the index before each."""
+
+
+def lines_by_item(lines: Iterable[str], first: int) -> dict[int, list[str]]:
+    """Attribute a chunk's output lines to its items, following the item markers."""
+    out: dict[int, list[str]] = {}
+    item = first
+    for line in lines:
+        if line.startswith(ITEM_MARKER) and line[len(ITEM_MARKER) :].isdigit():
+            item = int(line[len(ITEM_MARKER) :])
+            continue
+        out.setdefault(item, []).append(line)
+    return out
 
 
 @functools.cache
@@ -119,7 +141,15 @@ class Header:
     and building a dataclass costs more start-up time than the rest of the module.
     """
 
-    __slots__ = ("buffer_lengths", "cloudpickle", "kind", "pickle_length", "python", "signature")
+    __slots__ = (
+        "blobs",
+        "buffer_lengths",
+        "cloudpickle",
+        "kind",
+        "pickle_length",
+        "python",
+        "signature",
+    )
 
     def __init__(
         self,
@@ -129,6 +159,7 @@ class Header:
         pickle_length: int,
         buffer_lengths: tuple[int, ...],
         signature: str | None = None,
+        blobs: tuple[str | None, ...] = (),
     ) -> None:
         self.kind = kind
         self.python = python
@@ -136,10 +167,26 @@ class Header:
         self.pickle_length = pickle_length
         self.buffer_lengths = buffer_lengths
         self.signature = signature
+        self.blobs = blobs or (None,) * len(buffer_lengths)
 
     def _signed_fields(self) -> bytes:
-        fields = [self.kind, self.python, self.cloudpickle, self.pickle_length, self.buffer_lengths]
+        fields: list[Any] = [
+            self.kind,
+            self.python,
+            self.cloudpickle,
+            self.pickle_length,
+            self.buffer_lengths,
+        ]
+        if any(self.blobs):
+            fields.append(self.blobs)
         return json.dumps(fields, separators=(",", ":")).encode()
+
+    @property
+    def inline_length(self) -> int:
+        """Bytes of pickle and buffers inside the envelope (blobs are outside)."""
+        return self.pickle_length + sum(
+            n for n, blob in zip(self.buffer_lengths, self.blobs, strict=True) if blob is None
+        )
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -149,6 +196,7 @@ class Header:
                 "cloudpickle": self.cloudpickle,
                 "pickle_length": self.pickle_length,
                 "buffer_lengths": list(self.buffer_lengths),
+                "blobs": list(self.blobs) if any(self.blobs) else None,
                 "signature": self.signature,
             },
             separators=(",", ":"),
@@ -158,16 +206,35 @@ class Header:
     def from_bytes(cls, raw: bytes | memoryview) -> Header:
         try:
             data = json.loads(bytes(raw))
+            lengths = tuple(int(n) for n in data["buffer_lengths"])
+            blobs = tuple(
+                None if b is None else _checked_digest(b) for b in data.get("blobs") or ()
+            )
+            if blobs and len(blobs) != len(lengths):
+                raise ValueError("one blob entry per buffer expected")
             return cls(
                 kind=str(data["kind"]),
                 python=str(data["python"]),
                 cloudpickle=str(data["cloudpickle"]),
                 pickle_length=int(data["pickle_length"]),
-                buffer_lengths=tuple(int(n) for n in data["buffer_lengths"]),
+                buffer_lengths=lengths,
                 signature=data.get("signature"),
+                blobs=blobs,
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise EnvelopeError(f"unreadable envelope header: {exc}") from exc
+
+
+def _checked_digest(value: Any) -> str:
+    text = str(value)
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"blob digest {text!r} is not a SHA-256 hex digest")
+    return text
+
+
+def blob_url(folder: str, digest: str) -> str:
+    """Where the blob with this SHA-256 hex digest is stored."""
+    return f"{folder.rstrip('/')}/sha256/{digest}"
 
 
 def _mac(key: bytes, header: Header, body: Sequence[Buffer]) -> str:
@@ -184,10 +251,13 @@ def encode(
     *,
     key: bytes | None = None,
     versions: dict[str, str] | None = None,
+    blobs: Sequence[str | None] = (),
 ) -> list[Buffer]:
     """Wrap a pickle and its out-of-band buffers; returns the parts to write in order.
 
     The parts are not joined, so a large buffer is never copied on its way to storage.
+    ``blobs[i]``, when given and not ``None``, is the SHA-256 hex digest of buffer ``i``,
+    which the caller stores as a blob: it is left out of the envelope.
     """
     versions = versions or runtime_versions()
     views = [memoryview(b).cast("B") for b in buffers]
@@ -197,11 +267,13 @@ def encode(
         cloudpickle=versions["cloudpickle"],
         pickle_length=len(pickled),
         buffer_lengths=tuple(v.nbytes for v in views),
+        blobs=tuple(blobs),
     )
+    inline = [v for v, blob in zip(views, header.blobs, strict=True) if blob is None]
     if key is not None:
-        header.signature = _mac(key, header, [pickled, *views])
+        header.signature = _mac(key, header, [pickled, *inline])
     raw_header = header.to_bytes()
-    return [MAGIC, _LENGTH.pack(len(raw_header)), raw_header, pickled, *views]
+    return [MAGIC, _LENGTH.pack(len(raw_header)), raw_header, pickled, *inline]
 
 
 def read_header(data: Buffer) -> tuple[Header, int]:
@@ -218,24 +290,46 @@ def read_header(data: Buffer) -> tuple[Header, int]:
 
 
 def split_body(
-    data: Buffer, header: Header, offset: int, *, key: bytes | None
+    data: Buffer,
+    header: Header,
+    offset: int,
+    *,
+    key: bytes | None,
+    fetch_blob: Callable[[str], Buffer] | None = None,
 ) -> tuple[memoryview, list[memoryview]]:
-    """Return the pickle and buffers of an envelope, after checking size and signature."""
+    """Return the pickle and buffers of an envelope, after checking size and signature.
+
+    Blobs are read with ``fetch_blob(digest)`` once the signature is checked, and each is
+    verified against its digest.
+    """
     view = memoryview(data)
-    expected = offset + header.pickle_length + sum(header.buffer_lengths)
+    expected = offset + header.inline_length
     if len(view) != expected:
         raise EnvelopeError(f"envelope is {len(view)} bytes, its header promises {expected}")
     pickled = view[offset : offset + header.pickle_length]
-    buffers: list[memoryview] = []
+    inline: list[memoryview] = []
     position = offset + header.pickle_length
-    for length in header.buffer_lengths:
-        buffers.append(view[position : position + length])
-        position += length
+    for length, blob in zip(header.buffer_lengths, header.blobs, strict=True):
+        if blob is None:
+            inline.append(view[position : position + length])
+            position += length
     if key is not None:
         if header.signature is None:
             raise SignatureError("envelope is not signed, but a signing key is configured")
-        if not hmac.compare_digest(header.signature, _mac(key, header, [pickled, *buffers])):
+        if not hmac.compare_digest(header.signature, _mac(key, header, [pickled, *inline])):
             raise SignatureError("envelope signature does not match its contents")
+    buffers: list[memoryview] = []
+    pending = iter(inline)
+    for length, blob in zip(header.buffer_lengths, header.blobs, strict=True):
+        if blob is None:
+            buffers.append(next(pending))
+            continue
+        if fetch_blob is None:
+            raise EnvelopeError(f"the {header.kind} refers to blob {blob}, but no blob store")
+        content = memoryview(fetch_blob(blob))
+        if content.nbytes != length or hashlib.sha256(content).hexdigest() != blob:
+            raise EnvelopeError(f"blob {blob} does not match its digest or length")
+        buffers.append(content)
     return pickled, buffers
 
 
@@ -272,6 +366,15 @@ class _OutOfBandBytes:
         if isinstance(protocol, int) and protocol >= 5:
             return (bytes, (pickle.PickleBuffer(self.data),))
         return (bytes, (self.data,))
+
+
+def loads_nested(pickled: Buffer, *buffers: Buffer) -> Any:
+    """Unpickle an argument that was pickled on its own (see ``ascend._serialization``).
+
+    A large argument travels as one out-of-band buffer holding its own pickle, so it can
+    be stored once as a blob and shared by every call that passes it.
+    """
+    return pickle.loads(pickled, buffers=buffers)
 
 
 def lift_large_bytes(value: Any) -> Any:

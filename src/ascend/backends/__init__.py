@@ -40,6 +40,8 @@ class Job:
     is_map: bool
     units: tuple[WorkUnit, ...]
     signing_key: bytes = field(repr=False)
+    max_parallel: int | None = None
+    """At most this many units run at once (``None``: no limit beyond the backend's)."""
 
     @property
     def n_items(self) -> int:
@@ -51,6 +53,7 @@ class Job:
             protocol.ENV_PACKAGE_URI: self.paths.package,
             protocol.ENV_STORAGE_OPTIONS: json.dumps(dict(self.settings.storage_options)),
             protocol.ENV_SIGNING_KEY: self.signing_key.hex(),
+            protocol.ENV_BLOBS_URI: self.settings.blobs,
         }
         if self.is_map:
             env[protocol.ENV_INPUT_URI] = self.paths.input("{index}")
@@ -78,6 +81,10 @@ class JobObserver(Protocol):
 
     def wanted(self, items: range) -> bool:
         """False when every one of these items was cancelled: skip or stop them."""
+
+    def output_copies(self, items: range, urls: list[str]) -> None:
+        """These items' output was not streamed; the runner's copies are at ``urls``
+        (one per attempt, oldest first). Reported before the items' outcome."""
 
 
 class Backend(Protocol):

@@ -35,7 +35,6 @@ log = logger
 
 _KILL_GRACE: Final = 2.0
 _TAIL_LINES: Final = 20
-_ITEM_MARKER: Final = f"{protocol.DIAGNOSTIC_PREFIX}item "
 _RUNNER: Final = [sys.executable, "-u", "-m", "ascend_runner"]
 # asyncio kills a still-running child when its loop closes at interpreter exit. A
 # detached call therefore runs the runner under this launcher: only the launcher dies
@@ -66,12 +65,16 @@ class LocalBackend:
                 "backend runs each call in another process. Fix: use a file:// path or an "
                 "object store URL."
             )
+        # A map's own limit applies on top of the backend's, which all jobs share.
+        own = anyio.CapacityLimiter(job.max_parallel or len(job.units))
         async with anyio.create_task_group() as tg:
             for unit in job.units:
-                tg.start_soon(self._run_unit, job, unit, observer)
+                tg.start_soon(self._run_unit, job, unit, observer, own)
 
-    async def _run_unit(self, job: Job, unit: WorkUnit, observer: JobObserver) -> None:
-        async with self._limiter:
+    async def _run_unit(
+        self, job: Job, unit: WorkUnit, observer: JobObserver, own: anyio.CapacityLimiter
+    ) -> None:
+        async with own, self._limiter:
             attempts = job.resources.retries + 1
             for attempt in range(attempts):
                 if not observer.wanted(unit.items):
@@ -174,9 +177,9 @@ class _Output:
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
 
     def line(self, line: str) -> None:
-        if line.startswith(_ITEM_MARKER):
+        if line.startswith(protocol.ITEM_MARKER):
             with contextlib.suppress(ValueError):
-                self._item = int(line[len(_ITEM_MARKER) :])
+                self._item = int(line[len(protocol.ITEM_MARKER) :])
             return
         self.tail.append(line)
         self._observer.log(self._item, line)

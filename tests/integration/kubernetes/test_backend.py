@@ -427,3 +427,123 @@ def test_a_map_without_return_exceptions_stops_at_the_first_failure(on_cluster: 
     with pytest.raises(ValueError, match="bad point 17"):
         mf.result(timeout=300)
     wait_until(lambda: not _jobs(on_cluster, mf.job_id), 60, "the map's Job to be deleted")
+
+
+@ascend.remote
+def measure(i: int, shared: bytes) -> tuple[int, int]:
+    return i, len(shared)
+
+
+@pytest.mark.stores
+def test_a_shared_large_argument_is_uploaded_once_for_a_whole_map(
+    on_cluster: K8sCluster, s3_store: Store
+) -> None:
+    s3_store.activate()
+    secret = "store-s3-map"
+    args = [f"--from-literal={k}={v}" for k, v in s3_store.env.items()]
+    on_cluster.kubectl(
+        "create", "secret", "generic", secret, "-n", on_cluster.namespace, *args, check=False
+    )
+    prefix = f"{s3_store.url}/shared-{os.getpid()}-{time.monotonic_ns()}"
+    ascend.configure(
+        storage=prefix, storage_options=s3_store.storage_options, storage_secret=secret
+    )
+    shared = os.urandom(4 * 2**20)
+    mf = measure.map(range(30), [shared] * 30, max_parallel=5)
+    assert mf.result(timeout=600) == [(i, len(shared)) for i in range(30)]
+    again = measure.map(range(3), [shared] * 3)
+    assert again.result(timeout=300)[2] == (2, len(shared))
+
+    fs = s3_store.filesystem()
+    user = f"{prefix}/projects/default/users/{ascend.configure().user}"
+    blobs = fs.find(f"{user}/blobs")
+    assert len(blobs) == 1 and fs.size(blobs[0]) == len(shared)
+    inputs = fs.find(f"{user}/jobs/{mf.job_id}/inputs")
+    assert len(inputs) == 30 and max(fs.size(p) for p in inputs) < 4096
+    (job,) = _jobs(on_cluster, mf.job_id)
+    assert job["spec"]["parallelism"] == 5 and job["spec"]["completions"] == 30
+
+
+def test_cancelling_a_map_deletes_its_job(on_cluster: K8sCluster) -> None:
+    mf = sleeper.map([600] * 4)
+    int(next(iter(mf.futures[0].logs())))
+    assert _jobs(on_cluster, mf.job_id)
+    mf.cancel()
+    wait_until(lambda: not _jobs(on_cluster, mf.job_id), 60, "the map's Job to be deleted")
+    assert all(f.cancelled() for f in mf.futures)
+
+
+def test_a_second_process_reattaches_to_a_running_map(
+    on_cluster: K8sCluster, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    job_id = _submit_from_another_process(
+        tmp_path,
+        f"""
+        @ascend.remote
+        def gated(i, path):
+            print(f"item {{i}} running", flush=True)
+            while i % 2 and not os.path.exists(path):
+                time.sleep(0.05)
+            return i * 10
+
+        mf = gated.map(range(6), [{str(gate)!r}] * 6)
+        mf.futures[0].result(timeout=120)
+        next(iter(mf.futures[1].logs()))
+        print(mf.job_id, flush=True)
+        """,
+        detach=True,
+    )
+    assert _jobs(on_cluster, job_id), "detach=True left the map's Job running"
+    mf = ascend.MapFuture.attach(job_id)
+    assert len(mf.futures) == 6
+    assert mf.futures[0].result(timeout=120) == 0  # finished before the attach
+    assert not mf.futures[1].done()
+    gate.touch()
+    assert mf.result(timeout=180) == [i * 10 for i in range(6)]
+
+
+@pytest.mark.slow
+def test_a_lost_node_during_a_map_costs_at_most_a_retry_of_its_items(
+    on_cluster: K8sCluster, tmp_path: Path
+) -> None:
+    cluster = on_cluster.require_own_cluster("stopping a node agent")
+    gate = tmp_path / "gate"
+
+    @ascend.remote(gpu=1, retries=1)
+    def counted(i: int, folder: str) -> int:
+        marker = Path(folder) / f"attempts-{i}"
+        with open(marker, "a") as f:
+            f.write("x")
+        print("running", flush=True)
+        while not os.path.exists(Path(folder) / "gate"):
+            time.sleep(0.1)
+        return i
+
+    mf = counted.map(range(4), [str(tmp_path)] * 4)
+    # The GPU node has two GPUs: two items run on it, the other two wait for them.
+    wait_until(lambda: sum(f.status == "running" for f in mf.futures) == 2, 60, "two items")
+    node = cluster.nodes["gpu-1"]
+    node.stop()
+    time.sleep(12)  # the node goes NotReady and its pods are evicted
+    node.start()
+    node.wait_ready()
+    gate.touch()
+    assert mf.result(timeout=300) == [0, 1, 2, 3]
+    attempts = {i: len((tmp_path / f"attempts-{i}").read_text()) for i in range(4)}
+    assert all(n <= 2 for n in attempts.values()), attempts
+    assert sum(attempts.values()) <= 6, f"more than the lost items were rerun: {attempts}"
+
+
+def test_stream_logs_failed_prints_only_failing_items_read_from_storage(
+    on_cluster: K8sCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ascend.configure(stream_logs="failed")
+    mf = grid_point.map([16, 17, 18], return_exceptions=True)
+    results = mf.result(timeout=300)
+    assert results[0] == 256 and isinstance(results[1], ValueError) and results[2] == 324
+    out = capsys.readouterr().out
+    assert f"[{mf.job_id}#1] failed: ValueError('bad point 17')" in out
+    assert "bad point 17" in out and "point 16" not in out and "point 18" not in out
+    # Items that succeeded have their output too, read when asked for.
+    assert list(mf.futures[2].logs()) == ["point 18"]

@@ -152,6 +152,10 @@ class _Tracker:
         self._notified = 0
         self._unschedulable_task: asyncio.Task[None] | None = None
         self._where = f"{job.name} (job {job.job_id})"
+        # A map's pods are not followed one stream each unless their output is to be
+        # printed live: the connections would grow with the map. Their output is read
+        # from the runner's copies in storage when asked for.
+        self._live = not job.is_map or job.settings.stream_logs is True
 
     # -- outcome -----------------------------------------------------------------------
 
@@ -166,6 +170,8 @@ class _Tracker:
             return
         self._settled.add(index)
         items = self.job.units[index].items
+        if not self._live:
+            self.observer.output_copies(items, self._copies(index))
         if error is not None:
             self.errors.append(error)
             self.observer.failed(items, error)
@@ -219,6 +225,19 @@ class _Tracker:
         await anyio.sleep(_LATE_POD_EVENTS)
         for index in range(len(self.job.units)):
             self._settle(index, self._diagnose(failure, index))
+
+    def _copies(self, index: int) -> list[str]:
+        """Where the runner stored each attempt's output for this index, oldest first."""
+        started = sorted(
+            (pod["metadata"].get("creationTimestamp", ""), name)
+            for name, pod in self.pods.items()
+            if _index_of(pod) == index
+            and any(
+                "running" in c.get("state", {}) or "terminated" in c.get("state", {})
+                for c in pod.get("status", {}).get("containerStatuses") or []
+            )
+        )
+        return [f"{self.job.paths.logs}/{name}.log" for _, name in started]
 
     def _last_termination(self, index: int) -> tuple[str, dict[str, Any]] | None:
         latest: tuple[str, dict[str, Any]] | None = None
@@ -356,7 +375,7 @@ class _Tracker:
             if index not in self._started and index < len(self.job.units):
                 self._started.add(index)
                 self.observer.started(self.job.units[index].items)
-            if name not in self._pod_logs:
+            if self._live and name not in self._pod_logs:
                 task = asyncio.get_running_loop().create_task(self._follow(name, index))
                 self._pod_logs[name] = task
 
@@ -454,6 +473,7 @@ class KubernetesBackend:
         """Follow a Job that another process created, from where it is now."""
         ns = await self._namespace(job.settings)
         await ns.jobs.wait_synced()
+        await ns.pods.wait_synced()  # so the replay on subscribe covers its pods
 
         async def find(tracker: _Tracker) -> None:
             existing = ns.jobs.cached(job.job_id)

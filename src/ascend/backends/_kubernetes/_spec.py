@@ -187,7 +187,7 @@ def job_manifest(job: Job, *, session: str, image: str | None = None) -> dict[st
         spec.update(
             completionMode="Indexed",
             completions=len(job.units),
-            parallelism=len(job.units),
+            parallelism=min(len(job.units), job.max_parallel or len(job.units)),
             backoffLimitPerIndex=r.retries,
             maxFailedIndexes=len(job.units),
         )
