@@ -17,6 +17,7 @@ from ascend._resources import Resources
 from ascend._scheduler import _JobRun, get_scheduler
 from ascend._storage import JobPaths
 from ascend.backends import Job, WorkUnit
+from ascend_runner import protocol
 from ascend_runner.protocol import Buffer
 
 P = ParamSpec("P")
@@ -24,6 +25,9 @@ R = TypeVar("R")
 
 _CHUNKS_PER_WORKER = 4
 MAX_CHUNKS = 100_000
+INLINE_INPUTS = 256 << 10
+"""A map whose inputs pickle to at most this many bytes ships them inside its package:
+each pod then reads one object instead of two."""
 """Runner processes per map: Kubernetes caps an Indexed Job's completions at 100,000."""
 
 
@@ -86,7 +90,16 @@ class RemoteFunction(Generic[P, R]):
         )
         fut: Future[R] = Future(job_id, self._name)
         self._submit(
-            settings, backend, key, job_id, (WorkUnit(0, range(1)),), [fut], package, [], blobs
+            settings,
+            backend,
+            key,
+            job_id,
+            (WorkUnit(0, range(1)),),
+            [fut],
+            package,
+            [],
+            blobs,
+            is_map=False,
         )
         return fut
 
@@ -173,18 +186,17 @@ class RemoteFunction(Generic[P, R]):
             for c, start in enumerate(range(0, n, size))
         )
         blobs = _serialization.Blobs(settings.blob_threshold)
-        package = _serialization.encode(
-            "package", {"fn": self.__wrapped__}, f"{self._name}()", key, blobs
-        )
-        inputs = []
+        chunks: list[tuple[str, dict[str, Any]]] = []
         for u in units:
             what = f"the arguments of {self._name}() items {u.items.start}-{u.items.stop - 1}"
-            chunk = [blobs.arguments(a, k, what) for a, k in items[u.items.start : u.items.stop]]
-            inputs.append(
-                _serialization.encode(
-                    "input", {"first": u.items.start, "items": chunk}, what, key, blobs
-                )
-            )
+            shipped = [blobs.arguments(a, k, what) for a, k in items[u.items.start : u.items.stop]]
+            chunks.append((what, {"first": u.items.start, "items": shipped}))
+        inputs = [_serialization.encode("input", c, what, key, blobs) for what, c in chunks]
+        contents: dict[str, Any] = {"fn": self.__wrapped__}
+        if sum(protocol.body_length(parts) for parts in inputs) <= INLINE_INPUTS:
+            contents["inputs"] = [chunk for _, chunk in chunks]
+            inputs = []
+        package = _serialization.encode("package", contents, f"{self._name}()", key, blobs)
         futures: list[Future[R]] = [Future(job_id, f"{self._name}[{i}]") for i in range(n)]
         tracker = Tracker.create(
             n, self._name, progress if progress is not None else settings.progress
@@ -217,6 +229,7 @@ class RemoteFunction(Generic[P, R]):
                 inputs,
                 blobs,
                 tracker,
+                is_map=True,
                 max_parallel=max_parallel,
             )
         return result
@@ -234,16 +247,17 @@ class RemoteFunction(Generic[P, R]):
         blobs: _serialization.Blobs,
         tracker: Tracker | None = None,
         *,
+        is_map: bool,
         max_parallel: int | None = None,
     ) -> None:
-        """Hand the job to the scheduler; a map is any job with inputs."""
+        """Hand the job to the scheduler (a map's inputs may travel in its package)."""
         job = Job(
             job_id=job_id,
             name=self._name,
             resources=self._resources,
             settings=settings,
             paths=JobPaths.of(settings.user_prefix, job_id),
-            is_map=bool(inputs),
+            is_map=is_map,
             units=units,
             signing_key=key,
             max_parallel=max_parallel,

@@ -359,8 +359,13 @@ def test_cancelling_right_after_submitting_leaves_no_process_behind() -> None:
         fut.cancel()
         futures.append(fut)
     ascend.wait(futures, timeout=60)
-    me = psutil.Process()
-    runners = [c for c in me.children(recursive=True) if "ascend_runner" in " ".join(c.cmdline())]
+    runners = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "ascend_runner" in " ".join(child.cmdline()):
+                runners.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue  # already exited: a zombie waits only to be reaped
     _gone, alive = psutil.wait_procs(runners, timeout=15)
     assert not alive, "a cancel that raced the process start left the process running"
 

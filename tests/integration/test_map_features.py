@@ -32,15 +32,29 @@ def test_a_shared_large_argument_is_stored_once_and_inputs_stay_small() -> None:
     assert results == [(i, len(shared)) for i in range(40)]
     blobs = _blobs()
     assert len(blobs) == 1 and blobs[0].stat().st_size == len(shared)
-    inputs = list((_user_folder() / "jobs").glob("*/inputs/*.pkl"))
-    assert len(inputs) == 40
-    assert max(p.stat().st_size for p in inputs) < 4096, "the bytes were copied into inputs"
+    # 40 small inputs travel inside the package, which only refers to the blob.
+    assert not list((_user_folder() / "jobs").glob("*/inputs/*.pkl"))
+    (package,) = (_user_folder() / "jobs").glob("*/package.pkl")
+    assert package.stat().st_size < 16384, "the bytes were copied into the package"
 
     # The same bytes again, in another map and in a single call: not uploaded again.
     mtime = blobs[0].stat().st_mtime_ns
     assert weigh.map(range(3), [shared] * 3).result(timeout=120)[2] == (2, len(shared))
     assert weigh(7, shared).result(timeout=60) == (7, len(shared))
     assert _blobs() == blobs and blobs[0].stat().st_mtime_ns == mtime
+
+
+def test_inputs_too_large_for_the_package_are_stored_per_chunk() -> None:
+    rows = [os.urandom(100_000) for _ in range(8)]  # each under the blob threshold
+    assert weigh.map(range(8), rows, chunksize=2).result(timeout=120) == [
+        (i, 100_000) for i in range(8)
+    ]
+    inputs = sorted((_user_folder() / "jobs").glob("*/inputs/*.pkl"))
+    assert [p.name for p in inputs] == ["0.pkl", "1.pkl", "2.pkl", "3.pkl"]
+    assert all(200_000 < p.stat().st_size < 210_000 for p in inputs)
+    (package,) = (_user_folder() / "jobs").glob("*/package.pkl")
+    assert package.stat().st_size < 16384
+    assert not _blobs()
 
 
 def test_a_large_plain_python_argument_travels_as_one_blob() -> None:

@@ -18,10 +18,12 @@ def test_envelope_round_trips_pickle_and_out_of_band_buffers() -> None:
     buffers: list = []
     pickled = cloudpickle.dumps(array, protocol=5, buffer_callback=buffers.append)
     assert len(pickled) < 1000, "the array must travel out of band, not inside the pickle"
-    data = _join(p.encode("package", pickled, [b.raw() for b in buffers], key=KEY))
+    parts = p.encode("package", pickled, [b.raw() for b in buffers], key=KEY)
+    data = _join(parts)
     header, offset = p.read_header(data)
     body, oob = p.split_body(data, header, offset, key=KEY)
     assert header.buffer_lengths == (array.nbytes,)
+    assert p.body_length(parts) == header.inline_length == len(pickled) + array.nbytes
     np.testing.assert_array_equal(pickle.loads(body, buffers=oob), array)
 
 

@@ -183,7 +183,16 @@ def _run(env: os._Environ[str] | dict[str, str]) -> int:
                 p.ExitCode.BAD_INVOCATION,
                 f"a map chunk needs {p.ENV_INDEX} or {p.ENV_COMPLETION_INDEX}",
             )
-        chunk = _load(input_uri.replace("{index}", index), "input", key, options, blobs)
+        inline = package.get("inputs")
+        if inline is None:
+            chunk = _load(input_uri.replace("{index}", index), "input", key, options, blobs)
+        else:  # a small map's inputs travel in its package: one storage read less per pod
+            try:
+                chunk = inline[int(index)]
+            except (ValueError, IndexError) as exc:
+                raise _Abort(
+                    p.ExitCode.BAD_INVOCATION, f"the package holds no input {index!r}: {exc!r}"
+                ) from exc
         base = results_uri.rstrip("/")
         for offset, (args, kwargs) in enumerate(chunk["items"]):
             item = chunk["first"] + offset

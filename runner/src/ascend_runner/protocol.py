@@ -276,6 +276,11 @@ def encode(
     return [MAGIC, _LENGTH.pack(len(raw_header)), raw_header, pickled, *inline]
 
 
+def body_length(parts: Sequence[Buffer]) -> int:
+    """Bytes of pickle and inline buffers in the parts :func:`encode` returned."""
+    return sum(memoryview(part).nbytes for part in parts[3:])
+
+
 def read_header(data: Buffer) -> tuple[Header, int]:
     """Parse the header; returns it and the offset where the pickle starts."""
     view = memoryview(data)
