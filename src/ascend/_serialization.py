@@ -115,15 +115,19 @@ class Blobs:
 
     def argument(self, value: Any, what: str) -> Any:
         """``value``, or a stand-in that carries it as one blob when its pickle is large."""
-        if type(value) is bytes and len(value) >= protocol.LARGE_BYTES:
-            return protocol.lift_large_bytes(value)  # out of band, then a blob
-        if type(value) in _SMALL_TYPES:
+        large_bytes = type(value) is bytes and len(value) >= protocol.LARGE_BYTES
+        if type(value) in _SMALL_TYPES and not large_bytes:
             return value
+        # One stand-in per object: the pickle then holds one reference to it however
+        # many items share the object, so a pod fetches its blob once.
         known = self._arguments.get(id(value))
         if known is not None and known[0] is value:
             return known[1]
-        pickled, buffers = dumps(value, what)
-        replacement = _Nested(pickled, buffers) if len(pickled) >= self.threshold else value
+        if large_bytes:
+            replacement = protocol.lift_large_bytes(value)  # out of band, then a blob
+        else:
+            pickled, buffers = dumps(value, what)
+            replacement = _Nested(pickled, buffers) if len(pickled) >= self.threshold else value
         self._arguments[id(value)] = (value, replacement)
         return replacement
 

@@ -1,3 +1,4 @@
+import hashlib
 import pickle
 
 import cloudpickle
@@ -98,7 +99,6 @@ def test_reserved_exit_codes_are_distinct_from_success_and_python_errors() -> No
 
 
 def _blob_envelope() -> tuple[bytes, dict[str, bytes], np.ndarray]:
-    import hashlib
 
     array = np.arange(100_000, dtype=np.float64)
     buffers: list = []
@@ -117,6 +117,22 @@ def test_blobs_are_fetched_by_digest_and_verified() -> None:
     restored, small = pickle.loads(body, buffers=oob)
     np.testing.assert_array_equal(restored, array)
     assert small == b"small"
+
+
+def test_a_blob_used_by_many_buffers_is_fetched_once() -> None:
+    raw = bytes(range(256)) * 64
+    digest = hashlib.sha256(raw).hexdigest()
+    parts = p.encode("input", b"pickle", [raw] * 5, key=KEY, blobs=[digest] * 5)
+    data = _join(parts)
+    fetched: list[str] = []
+
+    def fetch(d: str) -> bytes:
+        fetched.append(d)
+        return raw
+
+    header, offset = p.read_header(data)
+    _, oob = p.split_body(data, header, offset, key=KEY, fetch_blob=fetch)
+    assert fetched == [digest] and [bytes(b) for b in oob] == [raw] * 5
 
 
 def test_a_blob_that_does_not_match_its_digest_is_refused() -> None:

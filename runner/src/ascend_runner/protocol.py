@@ -325,15 +325,20 @@ def split_body(
             raise SignatureError("envelope signature does not match its contents")
     buffers: list[memoryview] = []
     pending = iter(inline)
+    fetched: dict[str, memoryview] = {}  # each blob is read once, however often it is used
     for length, blob in zip(header.buffer_lengths, header.blobs, strict=True):
         if blob is None:
             buffers.append(next(pending))
             continue
         if fetch_blob is None:
             raise EnvelopeError(f"the {header.kind} refers to blob {blob}, but no blob store")
-        content = memoryview(fetch_blob(blob))
-        if content.nbytes != length or hashlib.sha256(content).hexdigest() != blob:
-            raise EnvelopeError(f"blob {blob} does not match its digest or length")
+        content = fetched.get(blob)
+        if content is None:
+            content = fetched[blob] = memoryview(fetch_blob(blob))
+            if content.nbytes != length or hashlib.sha256(content).hexdigest() != blob:
+                raise EnvelopeError(f"blob {blob} does not match its digest or length")
+        elif content.nbytes != length:
+            raise EnvelopeError(f"blob {blob} is used with two different lengths")
         buffers.append(content)
     return pickled, buffers
 
