@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import k8s_latency, local_overhead
+from benchmarks import k8s_latency, k8s_map, local_overhead
 
-SUITES = {"local": local_overhead.main, "kubernetes": k8s_latency.main}
+SUITES = {
+    "local": local_overhead.main,
+    "kubernetes": k8s_latency.main,
+    "map": k8s_map.main,
+}
 
 
 def main() -> None:

@@ -92,7 +92,6 @@ class Storage:
         self._limiter = anyio.CapacityLimiter(_CONCURRENCY)
         self._blob_limiter = anyio.CapacityLimiter(_BLOB_CONCURRENCY)
         self._lock = anyio.Lock()
-        self._blobs_known: set[str] = set()
         self._blob_uploads: dict[str, anyio.Event] = {}
         self.stats: Counter[str] = Counter()
         """Requests by kind (``write``, ``read``, ...) and ``bytes_written``."""
@@ -144,22 +143,20 @@ class Storage:
         """Store a content-addressed object unless it is already there.
 
         Returns whether it was uploaded. Concurrent jobs sharing a blob upload it once;
-        blobs known to exist are not checked again by this process. Readers never see a
+        otherwise one existence check per submission decides (so a blob removed from the
+        store is uploaded again by the next job that needs it). Readers never see a
         partial blob: object stores publish a PUT (or a multipart upload, aborted on
         failure) whole, and local files are written aside and renamed.
         """
         while url in self._blob_uploads:
             await self._blob_uploads[url].wait()
-        if url in self._blobs_known:
-            return False
         done = self._blob_uploads[url] = anyio.Event()
         try:
-            uploaded = not await self.exists(url)
-            if uploaded:
-                async with self._blob_limiter:
-                    await self._write_whole(url, data)
-            self._blobs_known.add(url)
-            return uploaded
+            if await self.exists(url):
+                return False
+            async with self._blob_limiter:
+                await self._write_whole(url, data)
+            return True
         finally:
             del self._blob_uploads[url]
             done.set()
