@@ -147,6 +147,7 @@ class Future(concurrent.futures.Future[T]):
         self._cancel_hook: Callable[[], None] | None = None
         # Set when the output was not streamed but stored: reads it on first logs().
         self._log_loader: Callable[[], list[str]] | None = None
+        self._log_request: Callable[[], object] | None = None
 
     @property
     def job_id(self) -> str:
@@ -225,12 +226,17 @@ class Future(concurrent.futures.Future[T]):
     def logs(self, *, follow: bool = True) -> LogStream:
         """The call's output lines so far and, with ``follow``, those still to come.
 
-        Map items whose output is not streamed live (``stream_logs`` other than ``True``
-        on Kubernetes) have theirs once they finish, read from the job's storage folder.
+        A map item whose output is not printed live (``stream_logs`` other than ``True``
+        on Kubernetes) has its output streamed from the moment this is first called
+        while it runs, or read from the job's storage folder once it has finished.
         """
         loader, self._log_loader = self._log_loader, None
         if loader is not None:
             self._set_output(loader())
+        else:
+            request, self._log_request = self._log_request, None
+            if request is not None and not self.done():
+                request()
         return LogStream(self._log, follow=follow)
 
     def _set_output(self, lines: list[str]) -> None:

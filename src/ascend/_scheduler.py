@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -254,6 +254,18 @@ class _JobRun:
         for i in items:
             self._copies[i] = (items.start, urls)
             self._futures[i]._log_loader = functools.partial(self._load_output, i)
+
+    def output_on_request(self, follow: Callable[[int], None]) -> None:
+        loop = self._scheduler._loop
+        assert loop is not None
+
+        def on_loop(item: int) -> None:
+            if not self._futures[item].done():
+                follow(item)
+
+        for i, fut in enumerate(self._futures):
+            # Called from whichever thread reads the logs.
+            fut._log_request = functools.partial(loop.call_soon_threadsafe, on_loop, i)
 
     @property
     def _print_failed(self) -> bool:

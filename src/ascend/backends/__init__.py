@@ -9,7 +9,10 @@ returns when every unit is accounted for. Cancelling the task that runs
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -85,6 +88,31 @@ class JobObserver(Protocol):
     def output_copies(self, items: range, urls: list[str]) -> None:
         """These items' output was not streamed; the runner's copies are at ``urls``
         (one per attempt, oldest first). Reported before the items' outcome."""
+
+    def output_on_request(self, follow: Callable[[int], None]) -> None:
+        """Output is not streamed unless asked for: ``follow(item)``, called on the
+        loop, starts streaming that item's output (when someone reads its logs)."""
+
+
+class ItemOutput:
+    """Routes a runner's output lines to the map item that printed them, keeping a tail.
+
+    In a chunk of several items the runner announces each with a marker line
+    (:data:`ascend_runner.protocol.ITEM_MARKER`) before running it.
+    """
+
+    def __init__(self, first_item: int, observer: JobObserver, tail: deque[str]) -> None:
+        self._observer = observer
+        self._item = first_item
+        self.tail = tail
+
+    def line(self, line: str) -> None:
+        if line.startswith(protocol.ITEM_MARKER):
+            with contextlib.suppress(ValueError):
+                self._item = int(line[len(protocol.ITEM_MARKER) :])
+            return
+        self.tail.append(line)
+        self._observer.log(self._item, line)
 
 
 class Backend(Protocol):

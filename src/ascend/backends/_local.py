@@ -27,7 +27,7 @@ from ascend._errors import (
     WorkerFailed,
 )
 from ascend._logging import logger
-from ascend.backends import Job, JobObserver, WorkUnit
+from ascend.backends import ItemOutput, Job, JobObserver, WorkUnit
 from ascend_runner import protocol
 from ascend_runner._storage import local_path
 
@@ -133,7 +133,7 @@ class LocalBackend:
             if detach_log:
                 sink.close()
         observer.started(unit.items)
-        output = _Output(unit, observer)
+        output = _Output(unit.items.start, observer, deque(maxlen=_TAIL_LINES))
         timeout = job.resources.timeout * len(unit.items) if job.resources.timeout else None
         try:
             with anyio.fail_after(timeout):
@@ -165,24 +165,8 @@ class LocalBackend:
         return _diagnose(job, code, output.tail)
 
 
-class _Output:
-    """Routes a runner's output lines to the item that printed them, keeping a tail.
-
-    In a chunk the runner announces each item with a marker line before running it.
-    """
-
-    def __init__(self, unit: WorkUnit, observer: JobObserver) -> None:
-        self._observer = observer
-        self._item = unit.items.start
-        self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
-
-    def line(self, line: str) -> None:
-        if line.startswith(protocol.ITEM_MARKER):
-            with contextlib.suppress(ValueError):
-                self._item = int(line[len(protocol.ITEM_MARKER) :])
-            return
-        self.tail.append(line)
-        self._observer.log(self._item, line)
+class _Output(ItemOutput):
+    """A runner's output from its pipe."""
 
     async def pump(self, stream: AsyncIterator[bytes]) -> None:
         pending = b""

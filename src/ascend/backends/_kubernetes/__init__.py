@@ -30,7 +30,7 @@ from ascend._errors import (
     WorkerFailed,
 )
 from ascend._logging import logger
-from ascend.backends import Job, JobObserver
+from ascend.backends import ItemOutput, Job, JobObserver
 from ascend.backends._kubernetes import _logs
 from ascend.backends._kubernetes._client import Api, ApiError
 from ascend.backends._kubernetes._spec import (
@@ -153,9 +153,13 @@ class _Tracker:
         self._unschedulable_task: asyncio.Task[None] | None = None
         self._where = f"{job.name} (job {job.job_id})"
         # A map's pods are not followed one stream each unless their output is to be
-        # printed live: the connections would grow with the map. Their output is read
-        # from the runner's copies in storage when asked for.
+        # printed live: the connections would grow with the map. An item's output is
+        # streamed when someone reads its logs while it runs, and read from the
+        # runner's copies in storage once it has finished.
         self._live = not job.is_map or job.settings.stream_logs is True
+        self._requested: set[int] = set()
+        if not self._live:
+            observer.output_on_request(self.follow_item)
 
     # -- outcome -----------------------------------------------------------------------
 
@@ -170,7 +174,7 @@ class _Tracker:
             return
         self._settled.add(index)
         items = self.job.units[index].items
-        if not self._live:
+        if not self._live and index not in self._requested:
             self.observer.output_copies(items, self._copies(index))
         if error is not None:
             self.errors.append(error)
@@ -375,9 +379,8 @@ class _Tracker:
             if index not in self._started and index < len(self.job.units):
                 self._started.add(index)
                 self.observer.started(self.job.units[index].items)
-            if self._live and name not in self._pod_logs:
-                task = asyncio.get_running_loop().create_task(self._follow(name, index))
-                self._pod_logs[name] = task
+            if self._live or index in self._requested:
+                self._start_following(name, index)
 
     def on_event(self, kind: str, obj: dict[str, Any]) -> None:
         if kind == "DELETED" or self._not_created_task is not None or self.pods:
@@ -424,12 +427,25 @@ class _Tracker:
         phase = self.pods.get(name, {}).get("status", {}).get("phase")
         return phase in (None, "Pending", "Running")
 
+    def follow_item(self, item: int) -> None:
+        """Stream the output of the pods running ``item`` (asked for by its logs)."""
+        index = next((u.index for u in self.job.units if item in u.items), None)
+        if index is None or index in self._settled or index in self._requested:
+            return
+        self._requested.add(index)
+        for name, pod in self.pods.items():
+            statuses = pod.get("status", {}).get("containerStatuses") or []
+            if _index_of(pod) == index and any("running" in c.get("state", {}) for c in statuses):
+                self._start_following(name, index)
+
+    def _start_following(self, pod: str, index: int) -> None:
+        if pod not in self._pod_logs:
+            task = asyncio.get_running_loop().create_task(self._follow(pod, index))
+            self._pod_logs[pod] = task
+
     async def _follow(self, pod: str, index: int) -> None:
         first_item = self.job.units[index].items.start if index < len(self.job.units) else 0
-
-        def on_line(line: str) -> None:
-            self.tail.append(line)
-            self.observer.log(first_item, line)
+        on_line = ItemOutput(first_item, self.observer, self.tail).line
 
         async with self.ns.log_streams:
             await _logs.follow(
