@@ -75,8 +75,12 @@ class _JobRun:
         self._tg: anyio.abc.TaskGroup | None = None
         self._storage: Storage | None = None
         self.stopped = threading.Event()
-        for fut in self._futures:
+        self._output_follow: Callable[[int], None] | None = None
+        self._output_wanted: set[int] = set()
+        for i, fut in enumerate(self._futures):
             fut._cancel_hook = self._item_cancelled
+            if job.is_map:
+                fut._log_request = functools.partial(self._want_output, i)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -256,16 +260,24 @@ class _JobRun:
             self._futures[i]._log_loader = functools.partial(self._load_output, i)
 
     def output_on_request(self, follow: Callable[[int], None]) -> None:
+        self._output_follow = follow
+        for item in sorted(self._output_wanted):
+            self._output_wanted_on_loop(item)
+        self._output_wanted.clear()
+
+    def _want_output(self, item: int) -> None:
+        """Someone reads the item's logs (from any thread, possibly before it runs)."""
         loop = self._scheduler._loop
         assert loop is not None
+        loop.call_soon_threadsafe(self._output_wanted_on_loop, item)
 
-        def on_loop(item: int) -> None:
-            if not self._futures[item].done():
-                follow(item)
-
-        for i, fut in enumerate(self._futures):
-            # Called from whichever thread reads the logs.
-            fut._log_request = functools.partial(loop.call_soon_threadsafe, on_loop, i)
+    def _output_wanted_on_loop(self, item: int) -> None:
+        if self._futures[item].done():
+            return
+        if self._output_follow is None:
+            self._output_wanted.add(item)
+        else:
+            self._output_follow(item)
 
     @property
     def _print_failed(self) -> bool:
