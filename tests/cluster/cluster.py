@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests.cluster import build, pki
-from tests.cluster.controlplane import ControlPlane, Process
+from tests.cluster.controlplane import NODE_MONITOR_GRACE, ControlPlane, Process
 
 NAMESPACE = "ascend-e2e"
 USER_NAMESPACE = "ascend-e2e-user"
@@ -164,9 +164,13 @@ class NodeAgentProcess:
 class Cluster:
     """Control plane + node agents (default topology: two CPU nodes and one GPU node)."""
 
-    def __init__(self, data_dir: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path | None = None, *, node_grace: str = NODE_MONITOR_GRACE
+    ) -> None:
+        """``node_grace``: how long a silent node agent stays Ready (short by default, so
+        that node-loss tests are quick; longer for heavy loads on small machines)."""
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="ascend-testcluster-"))
-        self.control_plane = ControlPlane(self.data_dir)
+        self.control_plane = ControlPlane(self.data_dir, node_grace=node_grace)
         self.nodes = {
             name: NodeAgentProcess(
                 self.control_plane.kubeconfig,

@@ -132,8 +132,11 @@ def wait_http(
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler in ``data_dir``."""
 
-    def __init__(self, data_dir: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path | None = None, *, node_grace: str = NODE_MONITOR_GRACE
+    ) -> None:
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="ascend-testcluster-"))
+        self.node_grace = node_grace
         self.binary = build.build()
         self.creds = pki.create(self.data_dir / "pki")
         self.etcd_port = free_port()
@@ -226,7 +229,7 @@ class ControlPlane:
             f"--root-ca-file={c.ca_cert}",
             f"--secure-port={free_port()}",
             "--bind-address=127.0.0.1",
-            f"--node-monitor-grace-period={NODE_MONITOR_GRACE}",
+            f"--node-monitor-grace-period={self.node_grace}",
             f"--node-monitor-period={NODE_MONITOR_PERIOD}",
             "--v=1",
         ]
