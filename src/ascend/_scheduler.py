@@ -38,7 +38,7 @@ from ascend_runner import protocol
 log = logger
 
 _SHUTDOWN_TIMEOUT = 10.0
-_OUTPUT_READ_TIMEOUT = 60.0
+_OUTPUT_READ_TIMEOUT = 60.0  # reading a stored output copy or a job's meta.json
 
 
 class _JobRun:
@@ -436,7 +436,7 @@ class Scheduler:
         probe = self._attached_job(job_id, settings, is_map=True, units=())
         meta = asyncio.run_coroutine_threadsafe(
             read_meta(self.storage(settings), probe), self._loop
-        ).result()
+        ).result(_OUTPUT_READ_TIMEOUT)
         units = tuple(WorkUnit(i, range(a, b)) for i, (a, b) in enumerate(meta["units"]))
         name = str(meta["function"])
         futures: list[Future[Any]] = [

@@ -188,7 +188,8 @@ class Storage:
             try:
                 if isinstance(fs, AsyncFileSystemWrapper):
                     return await anyio.to_thread.run_sync(_read_all, fs.sync_fs, path)
-                data: bytes = await fs._cat_file(path)
+                # One GET: without a range, s3fs would first ask for the size.
+                data: bytes = await fs._cat_file(path, start=0)
                 return data
             except FileNotFoundError:
                 raise

@@ -31,9 +31,9 @@ def _say(message: str) -> None:
     print(f"{p.DIAGNOSTIC_PREFIX}{message}", file=sys.stderr, flush=True)
 
 
-def _read(url: str, what: str, options: dict[str, Any]) -> p.Buffer:
+def _read(url: str, what: str, options: dict[str, Any], *, large: bool = False) -> p.Buffer:
     try:
-        return _storage.read_bytes(url, options)
+        return _storage.read_bytes(url, options, large=large)
     except Exception as exc:
         raise _Abort(
             p.ExitCode.PACKAGE_UNREADABLE, f"cannot read the {what} {url}: {exc!r}"
@@ -48,7 +48,7 @@ def _load(
     def fetch_blob(digest: str) -> p.Buffer:
         if not blobs:
             raise p.EnvelopeError(f"it refers to blob {digest}, but {p.ENV_BLOBS_URI} is not set")
-        return _read(p.blob_url(blobs, digest), f"blob of the {what}", options)
+        return _read(p.blob_url(blobs, digest), f"blob of the {what}", options, large=True)
 
     try:
         header, offset = p.read_header(data)

@@ -25,10 +25,15 @@ def _join(data: Buffer | Sequence[Buffer]) -> bytes:
     return b"".join(data)
 
 
-def read_bytes(url: str, options: dict[str, Any]) -> bytearray:
-    """The whole object, writable (so arrays unpickled from it are writable, as locally)."""
+def read_bytes(url: str, options: dict[str, Any], *, large: bool = False) -> bytearray:
+    """The whole object, writable (so arrays unpickled from it are writable, as locally).
+
+    Asked for without a range, s3fs first looks up the object's size (one more request)
+    to download a large one in concurrent parts: worth it for ``large`` objects (blobs)
+    only. Otherwise one GET with the open range ``bytes=0-`` reads it.
+    """
     fs, path = _filesystem(url, options)
-    return bytearray(fs.cat_file(path))
+    return bytearray(fs.cat_file(path) if large else fs.cat_file(path, start=0))
 
 
 def write_bytes(url: str, data: Buffer | Sequence[Buffer], options: dict[str, Any]) -> None:

@@ -28,13 +28,13 @@ def local_path(url: str) -> str | None:
     return None
 
 
-def read_bytes(url: str, options: dict[str, Any]) -> Buffer:
-    """The whole object; a ``bytearray`` for local files so unpickled arrays are writable."""
+def read_bytes(url: str, options: dict[str, Any], *, large: bool = False) -> Buffer:
+    """The whole object, writable so that unpickled arrays are; ``large`` for blobs."""
     path = local_path(url)
     if path is None:
         from ascend_runner import _objectstore
 
-        return _objectstore.read_bytes(url, options)
+        return _objectstore.read_bytes(url, options, large=large)
     with open(path, "rb") as f:
         data = bytearray(os.fstat(f.fileno()).st_size)
         f.readinto(data)
