@@ -42,19 +42,24 @@ SHARED_ITEMS = 100
 _REQUEST_LINE = re.compile(r'"(GET|PUT|POST|DELETE|HEAD) [^"]* HTTP/1\.[01]"')
 
 
-@ascend.remote
+# A CPU request, as real workloads have: the scheduler then runs 40 pods at a time on the
+# test cluster's two CPU nodes instead of 220 processes fighting over this machine's cores.
+POD_CPU = "200m"
+
+
+@ascend.remote(cpu=POD_CPU)
 def square(x: int) -> int:
     return x * x
 
 
-@ascend.remote
+@ascend.remote(cpu=POD_CPU)
 def gated(path: str) -> int:
     while not os.path.exists(path):
         time.sleep(0.2)
     return 1
 
 
-@ascend.remote
+@ascend.remote(cpu=POD_CPU)
 def size(i: int, shared: bytes) -> int:
     return i + len(shared)
 

@@ -343,7 +343,9 @@ class NodeAgent:
             if pod["metadata"].get("deletionTimestamp"):
                 self.tasks[uid] = asyncio.get_running_loop().create_task(self.finalize(pod))
             return
-        self.tasks[uid] = asyncio.get_running_loop().create_task(self.run_pod(pod, adopt=adopt))
+        task = asyncio.get_running_loop().create_task(self.run_pod(pod, adopt=adopt))
+        task.add_done_callback(_log_failure)
+        self.tasks[uid] = task
 
     def pod_path(self, pod: dict[str, Any]) -> str:
         return f"/api/v1/namespaces/{pod['metadata']['namespace']}/pods/{pod['metadata']['name']}"
@@ -421,8 +423,24 @@ class NodeAgent:
         return env
 
     async def set_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
-        with contextlib.suppress(ApiError):
-            await self.client.patch_status(self.pod_path(pod), status)
+        """Report a pod's status; like the kubelet's status manager, keep trying through
+        a busy or restarting API server until it is reported or the pod is gone."""
+        delay = 0.2
+        while not self.stopping.is_set():
+            try:
+                await self.client.patch_status(self.pod_path(pod), status)
+                return
+            except ApiError as exc:
+                if exc.status < 500 and exc.status != 429:
+                    if exc.status != 404:  # 404: the pod is gone
+                        log(f"status of pod {pod['metadata']['name']} refused: {exc}")
+                    return
+                problem: BaseException = exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = exc
+            log(f"status of pod {pod['metadata']['name']} not reported ({problem!r}); retrying")
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
     def base_status(
         self,
@@ -867,6 +885,12 @@ def field_value(pod: dict[str, Any], path: str, node: str) -> str:
 
 def log(message: str) -> None:
     print(f"{now_nano()} {message}", file=sys.stderr, flush=True)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A pod's task must not die silently: its pod would look running forever."""
+    if not task.cancelled() and task.exception() is not None:
+        log(f"pod task failed: {task.exception()!r}")
 
 
 def main() -> None:
