@@ -16,6 +16,9 @@ Status = Literal["pending", "running", "finished", "failed", "cancelled"]
 _MAX_LOG_LINES = 100_000
 
 
+_LOG_CREATION = threading.Lock()
+
+
 class _LogBuffer:
     """Output lines of one call, readable from any thread and any event loop.
 
@@ -143,7 +146,9 @@ class Future(concurrent.futures.Future[T]):
         self._job_id = job_id
         self._name = name
         self._status: Status = "pending"
-        self._log = _LogBuffer()
+        # Created on first use: most of a large map's items never print or are read.
+        self._log_buffer: _LogBuffer | None = None
+        self._log_closed = False
         self._cancel_hook: Callable[[], None] | None = None
         # Set when the output was not streamed but stored: reads it on first logs().
         self._log_loader: Callable[[], list[str]] | None = None
@@ -180,7 +185,7 @@ class Future(concurrent.futures.Future[T]):
                 waiter.add_cancelled(self)
             self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]
-        self._log.close()
+        self._close_log()
         hook, self._cancel_hook = self._cancel_hook, None
         if hook is not None:
             hook()
@@ -245,7 +250,22 @@ class Future(concurrent.futures.Future[T]):
         for line in lines:
             buffer.append(line)
         buffer.close()
-        self._log = buffer
+        self._log_buffer = buffer
+
+    @property
+    def _log(self) -> _LogBuffer:
+        with _LOG_CREATION:
+            if self._log_buffer is None:
+                self._log_buffer = _LogBuffer()
+                if self._log_closed:
+                    self._log_buffer.close()
+            return self._log_buffer
+
+    def _close_log(self) -> None:
+        with _LOG_CREATION:
+            self._log_closed = True
+            if self._log_buffer is not None:
+                self._log_buffer.close()
 
     def __repr__(self) -> str:
         return f"<ascend.{type(self).__name__} {self._name} job={self._job_id} state={self.status}>"
@@ -263,7 +283,7 @@ class Future(concurrent.futures.Future[T]):
         except concurrent.futures.InvalidStateError:
             return False
         self._status = "finished"
-        self._log.close()
+        self._close_log()
         return True
 
     def _fail(self, error: BaseException) -> bool:
@@ -272,7 +292,7 @@ class Future(concurrent.futures.Future[T]):
         except concurrent.futures.InvalidStateError:
             return False
         self._status = "failed"
-        self._log.close()
+        self._close_log()
         return True
 
 

@@ -26,7 +26,7 @@ R = TypeVar("R")
 _CHUNKS_PER_WORKER = 4
 MAX_CHUNKS = 100_000
 """Runner processes per map: Kubernetes caps an Indexed Job's completions at 100,000."""
-INLINE_INPUTS = 256 << 10
+INLINE_INPUTS = 1 << 20
 """A map whose inputs pickle to at most this many bytes ships them inside its package:
 each pod then reads one object instead of two."""
 

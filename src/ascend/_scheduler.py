@@ -123,7 +123,7 @@ class _JobRun:
                 self._fail(i, error)
         finally:
             for fut in self._futures:
-                fut._log.close()
+                fut._close_log()
             self._scheduler._runs.discard(self)
             self.stopped.set()
 

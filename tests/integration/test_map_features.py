@@ -45,13 +45,13 @@ def test_a_shared_large_argument_is_stored_once_and_inputs_stay_small() -> None:
 
 
 def test_inputs_too_large_for_the_package_are_stored_per_chunk() -> None:
-    rows = [os.urandom(100_000) for _ in range(8)]  # each under the blob threshold
+    rows = [os.urandom(200_000) for _ in range(8)]  # each under the blob threshold
     assert weigh.map(range(8), rows, chunksize=2).result(timeout=120) == [
-        (i, 100_000) for i in range(8)
+        (i, 200_000) for i in range(8)
     ]
     inputs = sorted((_user_folder() / "jobs").glob("*/inputs/*.pkl"))
     assert [p.name for p in inputs] == ["0.pkl", "1.pkl", "2.pkl", "3.pkl"]
-    assert all(200_000 < p.stat().st_size < 210_000 for p in inputs)
+    assert all(400_000 < p.stat().st_size < 410_000 for p in inputs)
     (package,) = (_user_folder() / "jobs").glob("*/package.pkl")
     assert package.stat().st_size < 16384
     assert not _blobs()

@@ -150,3 +150,14 @@ def test_logs_stream_lines_so_far_and_to_come_sync_and_async() -> None:
         return [line async for line in other.logs()]
 
     assert asyncio.run(main()) == ["a"]
+
+
+def test_a_future_holds_no_log_buffer_until_output_arrives_or_is_read() -> None:
+    quiet, chatty = _future("quiet"), _future("chatty")
+    assert quiet._log_buffer is None and chatty._log_buffer is None
+    chatty._log.append("hello")
+    quiet._resolve(1)
+    chatty._resolve(2)
+    assert quiet._log_buffer is None, "a future that never printed keeps no buffer"
+    assert list(quiet.logs()) == []  # created closed: iteration ends at once
+    assert list(chatty.logs()) == ["hello"]
