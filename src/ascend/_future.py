@@ -100,15 +100,26 @@ class LogStream:
     the call is over. ``list(fut.logs())`` after the call returns everything it printed.
     """
 
-    def __init__(self, buffer: _LogBuffer, *, follow: bool = True) -> None:
+    def __init__(
+        self,
+        buffer: _LogBuffer,
+        *,
+        follow: bool = True,
+        stored: Callable[[], list[str] | None] | None = None,
+    ) -> None:
         self._buffer = buffer
         self._follow = follow
+        # The stored copy, for a stream that ended empty because the call finished just
+        # as it was asked for (before its live output could be followed).
+        self._stored = stored
 
     def __iter__(self) -> Iterator[str]:
         position = 0
         while True:
             lines, position, closed = self._buffer.wait_sync(position, None if self._follow else 0)
             yield from lines
+            if closed and position == 0 and self._stored is not None:
+                yield from self._stored() or []
             if closed or not self._follow:
                 return
 
@@ -121,6 +132,9 @@ class LogStream:
                 lines, position, closed = self._buffer.wait_sync(position, 0)
             for line in lines:
                 yield line
+            if closed and position == 0 and self._stored is not None:
+                for line in await asyncio.to_thread(self._stored) or []:
+                    yield line
             if closed or not self._follow:
                 return
 
@@ -238,11 +252,17 @@ class Future(concurrent.futures.Future[T]):
         loader, self._log_loader = self._log_loader, None
         if loader is not None:
             self._set_output(loader())
-        else:
-            request, self._log_request = self._log_request, None
-            if request is not None and not self.done():
-                request()
-        return LogStream(self._log, follow=follow)
+            return LogStream(self._log, follow=follow)
+        request, self._log_request = self._log_request, None
+        if request is None or self.done():
+            return LogStream(self._log, follow=follow)
+        request()
+        return LogStream(self._log, follow=follow, stored=self._take_stored_output)
+
+    def _take_stored_output(self) -> list[str] | None:
+        """The stored output, if it became known after the live output was asked for."""
+        loader, self._log_loader = self._log_loader, None
+        return None if loader is None else loader()
 
     def _set_output(self, lines: list[str]) -> None:
         """Replace the output lines with a complete, closed set (read from storage)."""

@@ -161,3 +161,32 @@ def test_a_future_holds_no_log_buffer_until_output_arrives_or_is_read() -> None:
     assert quiet._log_buffer is None, "a future that never printed keeps no buffer"
     assert list(quiet.logs()) == []  # created closed: iteration ends at once
     assert list(chatty.logs()) == ["hello"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_logs_asked_for_as_the_item_finishes_come_from_its_stored_copy(mode: str) -> None:
+    # The live output was requested, but the item finished before it could be followed:
+    # the backend then reports the stored copy, and the stream yields that.
+    fut = _future("item")
+    requests: list[int] = []
+    fut._log_request = lambda: requests.append(1)
+    stream = fut.logs()
+    assert requests == [1]
+    fut._log_loader = lambda: ["from storage 1", "from storage 2"]
+    fut._resolve(0)
+
+    async def collect() -> list[str]:
+        return [line async for line in stream]
+
+    lines = list(stream) if mode == "sync" else asyncio.run(collect())
+    assert lines == ["from storage 1", "from storage 2"]
+
+
+def test_live_output_is_not_replaced_by_the_stored_copy() -> None:
+    fut = _future("item")
+    fut._log_request = lambda: None
+    stream = fut.logs()
+    fut._log.append("live")
+    fut._log_loader = lambda: ["stored"]
+    fut._resolve(0)
+    assert list(stream) == ["live"]
