@@ -116,3 +116,10 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n" + self.text.rstrip()
+
+
+def unwrap_group(error: BaseException) -> BaseException:
+    """The one error inside (nested) single-error groups, as task groups raise them."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error

@@ -26,7 +26,7 @@ import anyio
 
 from ascend import _serialization
 from ascend._config import Settings
-from ascend._errors import AscendError, ResultMissing
+from ascend._errors import AscendError, ResultMissing, unwrap_group
 from ascend._future import Future, MapFuture
 from ascend._logging import logger
 from ascend._progress import Tracker
@@ -114,7 +114,7 @@ class _JobRun:
                 await backend.run(self.job, self)
             self._fail_unsettled()
         except Exception as raised:
-            error = exc = _unwrap(raised)
+            error = exc = unwrap_group(raised)
             if not isinstance(exc, AscendError):
                 log.exception("job failed unexpectedly", job=self.job.job_id)
                 error = AscendError(f"{self.job.name} (job {self.job.job_id}) failed: {exc!r}")
@@ -363,13 +363,6 @@ async def read_meta(storage: Storage, job: Job) -> dict[str, Any]:
             f"job {job.job_id} is a {kind}. Fix: attach it with ascend.{other}.attach()."
         )
     return meta
-
-
-def _unwrap(error: BaseException) -> BaseException:
-    """The one error inside (nested) single-error groups, as task groups raise them."""
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
 
 
 def _version() -> str:

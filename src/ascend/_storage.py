@@ -27,11 +27,13 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-from ascend._errors import StorageError
+from ascend._errors import StorageError, unwrap_group
 from ascend_runner.protocol import Buffer
 
 _CONCURRENCY = 32
-_BLOB_CONCURRENCY = 2  # each blob upload may hold one copy of the blob in memory
+_BLOB_CONCURRENCY = 2  # on stores without the S3 path below, an upload copies the blob
+_PART_SIZE = 32 << 20  # S3 multipart: part size, and memory per part in flight
+_PARTS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,9 @@ class Storage:
 
     async def _write_whole(self, url: str, data: memoryview) -> None:
         fs = await self._filesystem()
+        if hasattr(fs, "_call_s3") and data.nbytes > 2 * _PART_SIZE:
+            await self._s3_multipart(fs, url, data)
+            return
         if not isinstance(fs, AsyncFileSystemWrapper):
             await self.write(url, [data])
             return
@@ -175,6 +180,51 @@ class Storage:
         except Exception as exc:
             await self.delete(staging)
             raise StorageError(f"cannot write {url}: {exc!r}") from exc
+
+    async def _s3_multipart(self, fs: Any, url: str, data: memoryview) -> None:
+        """Upload a large buffer in parts, copying only the parts in flight (botocore
+        takes bytes, not views); a failed upload is aborted, so nothing partial stays."""
+        bucket, key, _ = fs.split_path(self._path(fs, url))
+        where = {"Bucket": bucket, "Key": key}
+        self.stats["write"] += 1
+        self.stats["bytes_written"] += data.nbytes
+        try:
+            upload = (await fs._call_s3("create_multipart_upload", **where))["UploadId"]
+        except Exception as exc:
+            raise StorageError(f"cannot write {url}: {exc!r}") from exc
+        starts = range(0, data.nbytes, _PART_SIZE)
+        etags: dict[int, str] = {}
+        limiter = anyio.CapacityLimiter(_PARTS_IN_FLIGHT)
+
+        async def put(number: int, start: int) -> None:
+            async with limiter:
+                body = bytes(data[start : start + _PART_SIZE])
+                out = await fs._call_s3(
+                    "upload_part", **where, UploadId=upload, PartNumber=number, Body=body
+                )
+                etags[number] = out["ETag"]
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for number, start in enumerate(starts, 1):
+                    tg.start_soon(put, number, start)
+            parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+            await fs._call_s3(
+                "complete_multipart_upload",
+                **where,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await fs._call_s3("abort_multipart_upload", **where, UploadId=upload)
+                except Exception as abort_error:
+                    exc.add_note(f"aborting the multipart upload failed: {abort_error!r}")
+            if isinstance(exc, Exception):
+                raise StorageError(f"cannot write {url}: {unwrap_group(exc)!r}") from exc
+            raise
+        fs.invalidate_cache(self._path(fs, url))
 
     async def write_json(self, url: str, value: Any) -> None:
         await self.write(url, [json.dumps(value, indent=2, sort_keys=True).encode()])

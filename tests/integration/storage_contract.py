@@ -8,7 +8,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from ascend import StorageError
+from ascend import StorageError, _storage
 from ascend._storage import Storage
 
 
@@ -54,6 +54,17 @@ class StorageContract:
                 tg.start_soon(storage.write, f"{storage.root}/many/{i}", [str(i).encode()])
         values = [bytes(await storage.read(f"{storage.root}/many/{i}")) for i in range(50)]
         assert values == [str(i).encode() for i in range(50)]
+
+    async def test_a_large_blob_is_stored_whole_and_only_once(
+        self, storage: Storage, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(_storage, "_PART_SIZE", 5 << 20)  # S3: a three-part upload
+        data = memoryview(bytes(range(256)) * (48 << 12))  # 12 MiB
+        url = f"{storage.root}/blobs/sha256/large"
+        assert await storage.put_blob(url, data) is True
+        assert bytes(await storage.read(url)) == data
+        assert await storage.put_blob(url, data) is False
+        assert await storage.list(f"{storage.root}/blobs/sha256") == ["large"]
 
     async def test_unknown_protocol_is_a_storage_error_naming_the_fix(self) -> None:
         with pytest.raises(StorageError, match="no filesystem for 'nosuchproto://'"):

@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 import ascend
+from ascend import _storage
 from ascend_runner import _objectstore
 from tests.cluster.stores import Registry, Store
 from tests.integration.storage_contract import StorageContract
@@ -74,6 +75,31 @@ def test_a_call_runs_with_its_package_and_result_in_the_store(
         f"1 via {scheme}",
         f"2 via {scheme}",
     ]
+
+
+@pytest.mark.anyio
+async def test_a_failed_multipart_blob_upload_is_aborted(
+    s3_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3_store.activate()
+    monkeypatch.setattr(_storage, "_PART_SIZE", 5 << 20)
+    storage = _storage.Storage(f"{s3_store.url}/abort-{uuid.uuid4().hex}", s3_store.storage_options)
+    fs = await storage._filesystem()
+    call_s3 = fs._call_s3
+
+    async def failing(method: str, *args: object, **kwargs: object) -> object:
+        if method == "upload_part" and kwargs.get("PartNumber") == 2:
+            raise ConnectionError("network down")
+        return await call_s3(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", failing)
+    url = f"{storage.root}/blobs/sha256/large"
+    with pytest.raises(ascend.StorageError, match="network down"):
+        await storage.put_blob(url, memoryview(bytes(12 << 20)))
+    bucket, key, _ = fs.split_path(fs._strip_protocol(url))
+    pending = await call_s3("list_multipart_uploads", Bucket=bucket)
+    assert not [u for u in pending.get("Uploads", []) if u["Key"] == key], "left an upload open"
+    assert not await storage.exists(url)
 
 
 class TestCloudStorageContract(StorageContract):
