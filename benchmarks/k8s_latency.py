@@ -25,25 +25,25 @@ from typing import Any
 import ascend
 from ascend import _scheduler
 from ascend.backends._kubernetes import _client
+from benchmarks._k8s import client_api_requests, metric
 from benchmarks._report import write
 
 REPEAT = 10
 IN_FLIGHT = 200
 
 
-def _watches(metrics: str, namespace: str) -> float:
+def _watches(metrics: str) -> float:
     """Open WATCH requests on namespaced jobs and pods (all clients), from the gauge."""
-    total = 0.0
-    for line in metrics.splitlines():
-        wanted = (
-            line.startswith("apiserver_longrunning_requests{")
-            and 'verb="WATCH"' in line
-            and 'scope="namespace"' in line
-            and ('resource="jobs"' in line or 'resource="pods"' in line)
+    return sum(
+        metric(
+            metrics,
+            "apiserver_longrunning_requests",
+            'verb="WATCH"',
+            'scope="namespace"',
+            f'resource="{resource}"',
         )
-        if wanted:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        for resource in ("jobs", "pods")
+    )
 
 
 def _timed(phases: dict[str, list[float]]) -> None:
@@ -140,7 +140,7 @@ def main() -> None:
         add(0, 0).result(timeout=120)  # connect, open the watches, create the signing Secret
 
         rows: list[dict[str, float]] = []
-        api_before = _api_requests()
+        api_before = client_api_requests()
         for _ in range(REPEAT):
             phases["uploaded"].clear()
             phases["created"].clear()
@@ -162,7 +162,7 @@ def main() -> None:
                     "total": t_done - t0,
                 }
             )
-        api_per_call = (_api_requests() - api_before) / REPEAT
+        api_per_call = (client_api_requests() - api_before) / REPEAT
 
         bare = []
         for i in range(REPEAT):
@@ -174,10 +174,10 @@ def main() -> None:
         gate = Path(tmp) / "gate"
         one = gated(str(gate))
         time.sleep(3)  # the first call is running; its watches are open
-        watches_one = _watches(metrics(), cluster.namespace)
+        watches_one = _watches(metrics())
         many = [gated(str(gate)) for _ in range(IN_FLIGHT - 1)]
         time.sleep(5)
-        watches_many = _watches(metrics(), cluster.namespace)
+        watches_many = _watches(metrics())
         gate.touch()
         ascend.wait([one, *many], timeout=900)
 
@@ -217,15 +217,6 @@ def main() -> None:
         ),
     ]
     write("kubernetes", figures, table)
-
-
-def _api_requests() -> int:
-    scheduler = _scheduler.get_scheduler()
-    total = 0
-    for backend in scheduler._backends.values():
-        for ns in getattr(backend, "_namespaces", {}).values():
-            total += ns.api.requests
-    return total
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import psutil
 
 import ascend
 from ascend import _scheduler
+from benchmarks._k8s import client_api_requests, metric
 from benchmarks._report import write
 
 ITEMS = int(os.environ.get("ASCEND_BENCH_MAP_ITEMS", "1000"))
@@ -64,34 +65,17 @@ def size(i: int, shared: bytes) -> int:
     return i + len(shared)
 
 
-def _metric(text: str, name: str, *labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include every one of ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(label in line for label in labels):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _streams(text: str) -> float:
     """Open watches and log streams in namespaces (the client's: controllers and node
     agents watch cluster-wide)."""
     return sum(
-        _metric(text, "apiserver_longrunning_requests", 'scope="namespace"', f'resource="{r}"')
+        metric(text, "apiserver_longrunning_requests", 'scope="namespace"', f'resource="{r}"')
         for r in ("jobs", "pods", "events")
     )
 
 
 def _job_creations(text: str) -> float:
-    return _metric(text, "apiserver_request_total", 'verb="POST"', 'resource="jobs"')
-
-
-def _api_requests() -> int:
-    total = 0
-    for backend in _scheduler.get_scheduler()._backends.values():
-        for ns in getattr(backend, "_namespaces", {}).values():
-            total += ns.api.requests
-    return total
+    return metric(text, "apiserver_request_total", 'verb="POST"', 'resource="jobs"')
 
 
 def _storage_stats() -> dict[str, int]:
@@ -134,7 +118,7 @@ class _Peak:
 def _counted(metrics: Callable[[], str], store_log: Path) -> Iterator[dict[str, float]]:
     """Counts what happens inside the block: wall time, API and storage requests, streams."""
     out: dict[str, float] = {}
-    api0, text0 = _api_requests(), metrics()
+    api0, text0 = client_api_requests(), metrics()
     log0 = store_log.stat().st_size
     start = time.perf_counter()
     with _Peak(lambda: _streams(metrics()), 1.0) as streams:
@@ -145,7 +129,7 @@ def _counted(metrics: Callable[[], str], store_log: Path) -> Iterator[dict[str, 
     with store_log.open("rb") as log:
         log.seek(log0)
         out["storage_requests"] = len(_REQUEST_LINE.findall(log.read().decode(errors="replace")))
-    out["client_api_requests"] = _api_requests() - api0
+    out["client_api_requests"] = client_api_requests() - api0
     out["apiserver_job_creations"] = _job_creations(text1) - _job_creations(text0)
     out["peak_open_streams"] = streams.peak
     out["stream_samples_missed"] = streams.missed

@@ -139,10 +139,6 @@ class Blobs:
             {k: self.argument(v, what) for k, v in kwargs.items()},
         )
 
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.content.values())
-
 
 class _Nested:
     """An argument pickled on its own, shipped as one out-of-band buffer (a blob)."""
