@@ -188,10 +188,10 @@ class RemoteFunction(Generic[P, R]):
         blobs = _serialization.Blobs(settings.blob_threshold)
         chunks: list[tuple[str, dict[str, Any]]] = []
         for u in units:
-            what = f"the arguments of {self._name}() items {u.items.start}-{u.items.stop - 1}"
-            shipped = [blobs.arguments(a, k, what) for a, k in items[u.items.start : u.items.stop]]
-            chunks.append((what, {"first": u.items.start, "items": shipped}))
-        inputs = [_serialization.encode("input", c, what, key, blobs) for what, c in chunks]
+            where = f"the arguments of {self._name}() items {u.items.start}-{u.items.stop - 1}"
+            shipped = [blobs.arguments(a, k, where) for a, k in items[u.items.start : u.items.stop]]
+            chunks.append((where, {"first": u.items.start, "items": shipped}))
+        inputs = [_serialization.encode("input", c, where, key, blobs) for where, c in chunks]
         contents: dict[str, Any] = {"fn": self.__wrapped__}
         if sum(protocol.body_length(parts) for parts in inputs) <= INLINE_INPUTS:
             contents["inputs"] = [chunk for _, chunk in chunks]

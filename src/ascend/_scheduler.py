@@ -224,7 +224,7 @@ class _JobRun:
         fut = self._futures[item]
         if fut.done():
             return
-        if self.job.settings.stream_logs == "failed":
+        if self._print_failed:
             tag = self._tag(item)
             lines = fut._log.snapshot()
             print(f"[{tag}] failed: {error!r}" + "".join(f"\n[{tag}] {x}" for x in lines))
