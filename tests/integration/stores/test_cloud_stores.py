@@ -4,9 +4,11 @@ and calls whose packages and results live in each cloud store."""
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 import uuid
 
+import anyio
 import pytest
 
 import ascend
@@ -75,6 +77,29 @@ def test_a_call_runs_with_its_package_and_result_in_the_store(
         f"1 via {scheme}",
         f"2 via {scheme}",
     ]
+
+
+def test_small_objects_are_read_with_one_request_each(s3_store: Store) -> None:
+    # s3fs asks for an object's size (HEAD) before a whole-object read unless given a
+    # range; the client and the runner read small objects with one GET.
+    s3_store.activate()
+    root = f"{s3_store.url}/one-get-{uuid.uuid4().hex}"
+    url = f"{root}/result.pkl"
+
+    async def write_and_read() -> bytes:
+        storage = _storage.Storage(root, s3_store.storage_options)
+        await storage.write(url, [b"payload"])
+        before.append(log.stat().st_size)
+        return bytes(await storage.read(url))
+
+    log, before = s3_store.process.log_path, []
+    assert anyio.run(write_and_read) == b"payload"
+    assert _objectstore.read_bytes(url, s3_store.storage_options) == b"payload"
+    time.sleep(0.5)  # the server writes its request log after answering
+    with log.open("rb") as f:
+        f.seek(before[0])
+        requests = [line for line in f.read().decode().splitlines() if "/result.pkl" in line]
+    assert [line.split('"')[1].split()[0] for line in requests] == ["GET", "GET"]
 
 
 @pytest.mark.anyio
