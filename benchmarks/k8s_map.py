@@ -40,7 +40,8 @@ PENDING = 10_000
 SHARED_MB = 100
 SHARED_ITEMS = 100
 
-_REQUEST_LINE = re.compile(r'"(GET|PUT|POST|DELETE|HEAD) [^"]* HTTP/1\.[01]"')
+# A request line of the store's log, perhaps coloured (ANSI codes around the method).
+_REQUEST_LINE = re.compile(r'"(?:\x1b\[[\d;]*m)*(GET|PUT|POST|DELETE|HEAD) [^"]* HTTP/1\.[01]')
 
 
 # A CPU request, as real workloads have: the scheduler then runs 40 pods at a time on the
