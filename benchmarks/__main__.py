@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import k8s_latency, k8s_map, local_overhead
+from benchmarks import (
+    cluster_nodes,
+    env_build,
+    env_k8s,
+    k8s_latency,
+    k8s_map,
+    local_overhead,
+    output_throughput,
+    serialization,
+)
 
 SUITES = {
     "local": local_overhead.main,
+    "output": output_throughput.main,
+    "serialization": serialization.main,
     "kubernetes": k8s_latency.main,
     "map": k8s_map.main,
+    "envs": env_build.main,
+    "envs-k8s": env_k8s.main,
 }
+# Run only when named: starts real kubelets, which change the host (and are restored).
+ON_REQUEST = {"nodes": cluster_nodes.main}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("suites", nargs="*", choices=[*SUITES, []], help="suites to run")
+    parser.add_argument(
+        "suites", nargs="*", choices=[*SUITES, *ON_REQUEST, []], help="suites to run"
+    )
     args = parser.parse_args()
     for name in args.suites or list(SUITES):
-        SUITES[name]()
+        {**SUITES, **ON_REQUEST}[name]()
 
 
 if __name__ == "__main__":

@@ -69,8 +69,36 @@ class Settings:
             autoscaler may be adding a node) before the call fails as ``Unschedulable``.
         kubernetes_writes_per_second: the client-side rate limit of API writes (Job
             creates and deletes), with bursts of twice that.
+        termination_grace: seconds Kubernetes leaves a runner between ``SIGTERM`` and
+            ``SIGKILL`` (its pods' ``terminationGracePeriodSeconds``, rounded up). The
+            runner stops at once on ``SIGTERM``; this only bounds code that ignores it.
         blob_threshold: buffers and arguments of at least this many bytes are stored
             once under their SHA-256 digest and shared by every call that passes them.
+        session_lease_seconds: Kubernetes: how long this client's session Lease lives
+            without renewal; its Jobs (unless detached) are deleted once it expires.
+        session_reaper_seconds: Kubernetes: how often a client deletes expired session
+            Leases in its namespace. An orphaned Job is gone within the sum of the two.
+        node_types: named placements for ``node_type=NAME`` (Kubernetes), each a table
+            with any of ``gpu`` (a count or model, as ``gpu=``), ``product`` (a GPU model
+            or a list of them), ``gpu_memory``, ``selector`` (node labels to match) and
+            ``tolerations`` (Kubernetes tolerations). A ``node_type`` that names none of
+            them selects nodes by ``node.kubernetes.io/instance-type``.
+        preflight: before creating a Job that asks for GPUs or a node type, check that
+            some node of the cluster could run it and fail at once if none could
+            (needs permission to list nodes; skipped, with a warning, without it). Turn
+            off when nodes come from an autoscaler that starts from zero.
+        base_image: the image environments start from (default ``python:X.Y-slim`` for
+            this client's Python); ``name@sha256:...`` pins its digest into the key.
+        index_url: the package index builds resolve from (default: uv's, PyPI);
+            ``"none"`` uses only ``find_links``.
+        extra_index_url, find_links: more indexes / wheel folders or pages, separated by
+            spaces or commas.
+        build: where environments are built for Kubernetes: ``"cluster"`` (a build Job)
+            or ``"local"`` (on this machine, with uv). The local backend always builds here.
+        startup_timeout: seconds everything before the function's first line may take
+            (environment build and fetch, scheduling, image pull); ``timeout`` is apart.
+        registry: ``host[:port]/repository`` (``http://`` prefix without TLS): Kubernetes
+            environments become OCI images pushed there instead of archives in storage.
     """
 
     backend: str = "local"
@@ -90,8 +118,30 @@ class Settings:
     unschedulable_grace: float = 30.0
     kubernetes_writes_per_second: float = 20.0
     blob_threshold: int = 1 << 20
+    session_lease_seconds: float = 60.0
+    session_reaper_seconds: float = 30.0
+    node_types: Mapping[str, NodeType] = field(default_factory=dict)
+    preflight: bool = True
+    base_image: str | None = None
+    index_url: str | None = None
+    extra_index_url: str | None = None
+    find_links: str | None = None
+    build: str = "cluster"
+    startup_timeout: float = 900.0
+    registry: str | None = None
+    termination_grace: float = 5.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.node_types, Mapping):
+            raise ConfigError(
+                "node_types must be a table of named node types, e.g. "
+                "[tool.ascend.node_types.gpu_small] with gpu = 1 and product = 'L4'."
+            )
+        object.__setattr__(
+            self,
+            "node_types",
+            {name: NodeType.build(name, value) for name, value in self.node_types.items()},
+        )
         if self.backend not in BACKENDS:
             raise ConfigError(
                 f"backend {self.backend!r} is unknown. Fix: use one of {', '.join(BACKENDS)}."
@@ -112,6 +162,11 @@ class Settings:
                 "unschedulable_grace must be a number of seconds, "
                 f"not {self.unschedulable_grace!r}."
             )
+        grace = self.termination_grace
+        if not isinstance(grace, int | float) or isinstance(grace, bool) or not grace >= 0:
+            raise ConfigError(
+                f"termination_grace must be a number of seconds (0 or more), not {grace!r}."
+            )
         rate = self.kubernetes_writes_per_second
         if not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0:
             raise ConfigError(f"kubernetes_writes_per_second must be positive, not {rate!r}.")
@@ -122,6 +177,15 @@ class Settings:
             raise ConfigError(
                 f"blob_threshold must be a positive number of bytes, not {threshold!r}."
             )
+        for name in ("session_lease_seconds", "session_reaper_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}.")
+        if self.build not in ("cluster", "local"):
+            raise ConfigError(f"build must be 'cluster' or 'local', not {self.build!r}.")
+        startup = self.startup_timeout
+        if not isinstance(startup, int | float) or isinstance(startup, bool) or startup <= 0:
+            raise ConfigError(f"startup_timeout must be positive seconds, not {startup!r}.")
         if self.stream_logs not in (True, False, "failed"):
             raise ConfigError(
                 f"stream_logs must be True, False or 'failed', not {self.stream_logs!r}."
@@ -136,6 +200,78 @@ class Settings:
     def blobs(self) -> str:
         """The folder of this user's content-addressed blobs (``sha256/{digest}``)."""
         return f"{self.user_prefix}/blobs"
+
+
+_NODE_TYPE_KEYS = ("gpu", "product", "gpu_memory", "selector", "tolerations")
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A named placement from ``[tool.ascend.node_types.NAME]`` (see :class:`Settings`)."""
+
+    name: str
+    gpu: int | str | tuple[str, ...] = 0
+    gpu_memory: str | None = None
+    selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+
+    @classmethod
+    def build(cls, name: str, value: Any) -> NodeType:
+        if isinstance(value, NodeType):
+            return value
+        where = f"node_types.{name}"
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a table with any of {', '.join(_NODE_TYPE_KEYS)}.")
+        unknown = [k for k in value if k not in _NODE_TYPE_KEYS]
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r}. "
+                f"Fix: use any of {', '.join(_NODE_TYPE_KEYS)}."
+            )
+        from ascend._resources import Resources  # imports this module
+
+        gpu: Any = value.get("gpu", 0)
+        product = value.get("product")
+        if product is not None:
+            if isinstance(gpu, str | list | tuple):
+                raise ConfigError(
+                    f"{where}: give the model either in gpu (e.g. gpu = 'L4:2') or in product "
+                    "with gpu as a count, not both."
+                )
+            count = gpu or 1
+            models = [product] if isinstance(product, str) else product
+            if not isinstance(models, list | tuple) or not all(isinstance(m, str) for m in models):
+                raise ConfigError(f"{where}: product must be a GPU model or a list of them.")
+            gpu = [f"{m}:{count}" for m in models]
+            gpu = gpu[0] if isinstance(product, str) else gpu
+        try:
+            checked = Resources.build(gpu=gpu, gpu_memory=value.get("gpu_memory"))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        selector = value.get("selector") or {}
+        if not isinstance(selector, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in selector.items()
+        ):
+            raise ConfigError(
+                f"{where}: selector must map node label names to values (strings), e.g. "
+                "selector = { 'cloud.google.com/gke-accelerator' = 'nvidia-l4' }."
+            )
+        tolerations = value.get("tolerations") or []
+        if not isinstance(tolerations, list | tuple) or not all(
+            isinstance(t, Mapping) and set(t) <= _TOLERATION_KEYS for t in tolerations
+        ):
+            raise ConfigError(
+                f"{where}: tolerations must be a list of Kubernetes tolerations, tables with "
+                f"keys among {', '.join(sorted(_TOLERATION_KEYS))}."
+            )
+        return cls(
+            name=name,
+            gpu=checked.gpu,
+            gpu_memory=checked.gpu_memory,
+            selector=dict(selector),
+            tolerations=tuple(dict(t) for t in tolerations),
+        )
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -157,6 +293,17 @@ _ENV = {
     "unschedulable_grace": "ASCEND_UNSCHEDULABLE_GRACE",
     "kubernetes_writes_per_second": "ASCEND_KUBERNETES_WRITES_PER_SECOND",
     "blob_threshold": "ASCEND_BLOB_THRESHOLD",
+    "session_lease_seconds": "ASCEND_SESSION_LEASE_SECONDS",
+    "session_reaper_seconds": "ASCEND_SESSION_REAPER_SECONDS",
+    "preflight": "ASCEND_PREFLIGHT",
+    "base_image": "ASCEND_BASE_IMAGE",
+    "index_url": "ASCEND_INDEX_URL",
+    "extra_index_url": "ASCEND_EXTRA_INDEX_URL",
+    "find_links": "ASCEND_FIND_LINKS",
+    "build": "ASCEND_BUILD",
+    "startup_timeout": "ASCEND_STARTUP_TIMEOUT",
+    "registry": "ASCEND_REGISTRY",
+    "termination_grace": "ASCEND_TERMINATION_GRACE",
 }
 
 

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
+import dataclasses
+import functools
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from concurrent.futures import _base
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+from ascend import _bridge
 
 T = TypeVar("T")
 
 Status = Literal["pending", "running", "finished", "failed", "cancelled"]
 
 _MAX_LOG_LINES = 100_000
+_OUTPUT_DRAIN_TIMEOUT = 5.0  # seconds a finished wait waits for the call's lines to print
 
 
 _LOG_CREATION = threading.Lock()
@@ -33,14 +40,19 @@ class _LogBuffer:
         self._dropped = 0
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self.closed = False
+        self.closed: bool = False
 
     def append(self, line: str) -> None:
+        self.extend([line])
+
+    def extend(self, lines: list[str]) -> None:
         with self._cond:
             if self.closed:
                 return
-            self._lines.append(line)
-            if len(self._lines) > _MAX_LOG_LINES:
+            self._lines.extend(lines)
+            # Trimmed a tenth at a time: trimming at every line would copy the whole
+            # list per line once it is full.
+            if len(self._lines) > _MAX_LOG_LINES + _MAX_LOG_LINES // 10:
                 cut = len(self._lines) - _MAX_LOG_LINES
                 del self._lines[:cut]
                 self._dropped += cut
@@ -69,6 +81,8 @@ class _LogBuffer:
             return self._slice(0)[0]
 
     def wait_sync(self, position: int, timeout: float | None) -> tuple[list[str], int, bool]:
+        if timeout != 0:
+            _bridge.guard("iterating fut.logs()")
         with self._cond:
             self._cond.wait_for(
                 lambda: self.closed or self._dropped + len(self._lines) > position, timeout
@@ -139,14 +153,67 @@ class LogStream:
                 return
 
 
+class _CallCancelled(asyncio.CancelledError, concurrent.futures.CancelledError):
+    """Raised for a cancelled call: caught by ``except concurrent.futures.CancelledError``
+    (as ``result()`` raises) and treated as cancellation by asyncio (as ``await`` needs)."""
+
+
+class JobControl(Protocol):
+    """The one interface from a future to the job behind it (the scheduler's job run).
+
+    Every method may be called from any thread and returns promptly, except
+    :meth:`stored_output`, which may read storage.
+    """
+
+    def cancel(self, item: int) -> None:
+        """The future of ``item`` was cancelled: stop that item's remote work."""
+
+    def request_output(self, item: int) -> None:
+        """Someone reads ``item``'s logs while it runs: stream its output from now on."""
+
+    def stored_output(self, item: int) -> list[str] | None:
+        """``item``'s output read from storage, once, when it was stored rather than
+        streamed; None otherwise."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Callback:
+    fn: Callable[[Any], object]
+    loop: asyncio.AbstractEventLoop | None = None
+    context: contextvars.Context | None = None
+    inline: bool = False
+
+
+def _user_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop running in this thread, unless it is ascend's own."""
+    if _bridge.on_loop_thread():
+        return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class Future(concurrent.futures.Future[T]):
     """The pending result of a remote call.
 
     A ``concurrent.futures.Future`` (``result()``, ``exception()``, ``done()``,
-    ``add_done_callback()``, ``concurrent.futures.wait``/``as_completed``) that can also be
-    awaited from any asyncio event loop (``await fut``, ``asyncio.gather``,
-    ``asyncio.wait_for``). ``cancel()`` stops the remote work, and cancelling a task that
-    awaits the future cancels the call too (use ``asyncio.shield`` to prevent that).
+    ``add_done_callback()``, ``concurrent.futures.wait``/``as_completed``) that is also an
+    asyncio future-like object: ``await fut``, ``asyncio.gather``, ``asyncio.wait``,
+    ``asyncio.as_completed``, ``asyncio.wait_for``, ``asyncio.shield`` and
+    ``asyncio.timeout`` accept it from any event loop. ``cancel()`` stops the remote work,
+    and cancelling a task that awaits the future cancels the call too (use
+    ``asyncio.shield`` to prevent that).
+
+    Done-callbacks never run on ascend's scheduler loop: one added from inside a running
+    asyncio loop runs on that loop (as with an ``asyncio.Future``); any other runs on the
+    ``ascend-callbacks`` thread (or at once in the adding thread if the future is already
+    done), so a callback may itself wait for another call.
+
+    Raises (from ``result()``): the function's own exception, an :class:`AscendError`
+    for infrastructure faults, ``TimeoutError`` when ``timeout`` seconds pass (the call
+    goes on), ``concurrent.futures.CancelledError`` when the call was cancelled,
+    :class:`BlockingWaitError` when called on ascend's loop thread.
 
     Example::
 
@@ -154,6 +221,11 @@ class Future(concurrent.futures.Future[T]):
         print(fut)              # <ascend.Future train job=train-1f2e3d4c5b state=running>
         metrics = fut.result()  # or: metrics = await fut
     """
+
+    # asyncio's marker of a future-like object (see asyncio.isfuture): a task awaiting
+    # this object waits for its done-callback instead of polling.
+    _asyncio_future_blocking = False
+    _cancel_message: Any = None  # read by asyncio.gather for a cancelled child
 
     def __init__(self, job_id: str, name: str) -> None:
         super().__init__()
@@ -163,15 +235,27 @@ class Future(concurrent.futures.Future[T]):
         # Created on first use: most of a large map's items never print or are read.
         self._log_buffer: _LogBuffer | None = None
         self._log_closed = False
-        self._cancel_hook: Callable[[], None] | None = None
-        # Set when the output was not streamed but stored: reads it on first logs().
-        self._log_loader: Callable[[], list[str]] | None = None
-        self._log_request: Callable[[], object] | None = None
+        self._control: JobControl | None = None
+        self._index = 0
+        self._done_callbacks: list[_Callback] = []
+
+    def _bind(self, control: JobControl, index: int) -> None:
+        """Connect the future to the job that computes it (item ``index`` of the job)."""
+        self._control = control
+        self._index = index
 
     @property
     def job_id(self) -> str:
         """The id of the job running this call (a map's items share their map's id)."""
         return self._job_id
+
+    _preemptions = 0
+
+    @property
+    def preemptions(self) -> int:
+        """Times the cluster took this call off its node (preemption, eviction, drain,
+        node loss) and it was run again; these never count against ``retries``."""
+        return self._preemptions
 
     @property
     def status(self) -> Status:
@@ -184,8 +268,11 @@ class Future(concurrent.futures.Future[T]):
         """True while the remote work runs (a queued call is pending, not running)."""
         return self._status == "running" and not self.done()
 
-    def cancel(self) -> bool:
-        """Cancel the call and stop its remote work; False if it had already finished."""
+    def cancel(self, msg: Any = None) -> bool:
+        """Cancel the call and stop its remote work; False if it had already finished.
+
+        ``msg`` is asyncio's cancel message (kept for ``asyncio.gather``).
+        """
         # What Future.cancel() and set_running_or_notify_cancel() do together, in one
         # step: a call is never "RUNNING" in the executor sense, so waiters in
         # concurrent.futures.wait/as_completed must be told at once.
@@ -195,42 +282,144 @@ class Future(concurrent.futures.Future[T]):
             if self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
                 return True
             self._state = _base.CANCELLED_AND_NOTIFIED
+            self._cancel_message = msg
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         self._close_log()
-        hook, self._cancel_hook = self._cancel_hook, None
-        if hook is not None:
-            hook()
+        if self._control is not None:
+            self._control.cancel(self._index)
         return True
 
     def result(self, timeout: float | None = None) -> T:
-        """Wait for and return the value; Ctrl-C while waiting cancels the call."""
-        try:
-            return super().result(timeout)
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
+        """Wait up to ``timeout`` seconds (None: for ever) and return the value.
+
+        Ctrl-C while waiting cancels the call. See the class docstring for what it raises.
+        """
+        self._wait(timeout, "fut.result()")
+        if self.cancelled():
+            raise _CallCancelled()
+        return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait for the call and return its exception, or None if it succeeded."""
+        self._wait(timeout, "fut.exception()")
+        if self.cancelled():
+            raise _CallCancelled()
+        return super().exception(0)
+
+    def _wait(self, timeout: float | None, what: str) -> None:
+        if self.done():
+            return
+        _bridge.guard(what)
         try:
-            return super().exception(timeout)
+            with self._condition:
+                if not self._condition.wait_for(self.done, timeout):
+                    raise TimeoutError(
+                        f"{self!r}: no result within {timeout:g} s; the call goes on. Wait "
+                        "again, or cancel() it."
+                    )
         except KeyboardInterrupt:
             self.cancel()
             raise
+        # Output lines the call printed before it finished are printed before this
+        # returns, so the caller's own prints come after them.
+        _bridge.output.drain(_OUTPUT_DRAIN_TIMEOUT)
+
+    # -- asyncio future-like ---------------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, T]:
-        return asyncio.wrap_future(self).__await__()
+        if not self.done():
+            self._asyncio_future_blocking = True
+            try:
+                yield self  # the awaiting task adds its wake-up as a done-callback
+            except concurrent.futures.CancelledError:
+                # Thrown in by the task's wake-up: cancellation, which must pass through
+                # ``except Exception`` like asyncio's own.
+                raise asyncio.CancelledError() from None
+        if not self.done():
+            raise RuntimeError("await wasn't used with future")
+        if self.cancelled():
+            raise asyncio.CancelledError()
+        return super().result(0)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The running asyncio loop of the caller (asyncio asks this of a future it
+        awaits; an ascend future can be awaited from any loop)."""
+        loop = _user_loop()
+        if loop is None:
+            raise RuntimeError(f"{self!r} can only be awaited inside a running event loop.")
+        return loop
+
+    def _make_cancelled_error(self) -> asyncio.CancelledError:
+        return asyncio.CancelledError()
+
+    def add_done_callback(
+        self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None
+    ) -> None:
+        """Call ``fn(future)`` once the future is done (see the class docstring for the
+        thread it runs on). ``context`` is for asyncio."""
+        self._add_callback(_Callback(fn, _user_loop(), context))
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        """Remove every registration of ``fn``; returns how many there were."""
+        with self._condition:
+            kept = [c for c in self._done_callbacks if c.fn != fn]
+            removed = len(self._done_callbacks) - len(kept)
+            self._done_callbacks = kept
+        return removed
+
+    def _on_done(self, fn: Callable[[Any], object]) -> None:
+        """ascend's own short, non-blocking callbacks: run in the thread that settles."""
+        self._add_callback(_Callback(fn, inline=True))
+
+    def _add_callback(self, callback: _Callback) -> None:
+        with self._condition:
+            if not self.done():
+                self._done_callbacks.append(callback)
+                return
+        self._deliver(callback)
+
+    def _invoke_callbacks(self) -> None:
+        with self._condition:
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            self._deliver(callback)
+
+    def _deliver(self, callback: _Callback) -> None:
+        if callback.loop is not None:
+            try:
+                callback.loop.call_soon_threadsafe(callback.fn, self, context=callback.context)
+                return
+            except RuntimeError:  # that loop is closed: run it like any other callback
+                pass
+        if callback.inline:
+            _run_callback(callback.fn, self)
+        else:
+            _bridge.call_soon(_run_callback, callback.fn, self)
+
+    # -- attach and logs ---------------------------------------------------------------
 
     @classmethod
     def attach(cls, job_id: str) -> Future[Any]:
         """A future for a call submitted earlier — by this process or another one.
 
-        It resolves from the cluster and storage: a running Kubernetes Job is followed
-        (its output streams again), a finished one yields its published result. Uses the
-        current settings (storage, project, user, namespace) to find the job.
+        Reads the job's ``meta.json`` from storage first (a short blocking read, up to
+        60 s), so a wrong id fails here, not at ``result()``. Then it resolves from the
+        cluster and storage: a running Kubernetes Job is followed (its output streams
+        again), a finished one yields its published result. Uses the current settings
+        (storage, project, user, namespace) to find the job.
+
+        Raises:
+            NoSuchJob: no job of that id under the current storage, project and user,
+                or ``job_id`` is not a job id at all (spaces, ``/``, capitals).
+            AscendError: the job is a map (attach it with :meth:`MapFuture.attach`),
+                or its ``meta.json`` is unreadable; :class:`StorageError` when the
+                store cannot be read.
+            TypeError: ``job_id`` is not a ``str``.
+            TimeoutError: the store did not answer within 60 s.
+            BlockingWaitError: called on ascend's own loop thread.
 
         Example::
 
@@ -245,24 +434,28 @@ class Future(concurrent.futures.Future[T]):
     def logs(self, *, follow: bool = True) -> LogStream:
         """The call's output lines so far and, with ``follow``, those still to come.
 
+        What the function and its child processes wrote to stdout and stderr, in the
+        order written, one ``str`` per line without its ``\n`` (a ``\r`` stays part of
+        its line; bytes that are not UTF-8 become U+FFFD; no length limit). The last
+        line is there even without a final newline.
+
         A map item whose output is not printed live (``stream_logs`` other than ``True``
         on Kubernetes) has its output streamed from the moment this is first called
         while it runs, or read from the job's storage folder once it has finished.
         """
-        loader, self._log_loader = self._log_loader, None
-        if loader is not None:
-            self._set_output(loader())
+        control = self._control
+        if control is None:
             return LogStream(self._log, follow=follow)
-        request, self._log_request = self._log_request, None
-        if request is None or self.done():
+        stored = control.stored_output(self._index)
+        if stored is not None:
+            self._set_output(stored)
             return LogStream(self._log, follow=follow)
-        request()
-        return LogStream(self._log, follow=follow, stored=self._take_stored_output)
-
-    def _take_stored_output(self) -> list[str] | None:
-        """The stored output, if it became known after the live output was asked for."""
-        loader, self._log_loader = self._log_loader, None
-        return None if loader is None else loader()
+        if self.done():
+            return LogStream(self._log, follow=follow)
+        control.request_output(self._index)
+        return LogStream(
+            self._log, follow=follow, stored=functools.partial(control.stored_output, self._index)
+        )
 
     def _set_output(self, lines: list[str]) -> None:
         """Replace the output lines with a complete, closed set (read from storage)."""
@@ -316,8 +509,18 @@ class Future(concurrent.futures.Future[T]):
         return True
 
 
+def _run_callback(fn: Callable[[Any], object], fut: Future[Any]) -> None:
+    try:
+        fn(fut)
+    except Exception:
+        logging.getLogger("concurrent.futures").exception("exception calling callback for %r", fut)
+
+
 class _Aggregate:
-    """Resolves a parent future from children, in the children's order."""
+    """Resolves a parent future from children, in the children's order.
+
+    It is the parent's :class:`JobControl`: cancelling the parent cancels the children.
+    """
 
     def __init__(
         self,
@@ -328,6 +531,8 @@ class _Aggregate:
         cancel_rest_on_error: bool,
         on_child_done: Callable[[concurrent.futures.Future[Any]], None] | None = None,
     ) -> None:
+        """``on_child_done`` runs in the thread that settles a child (often ascend's loop
+        thread): it must hand anything slow or user-supplied to another thread."""
         self._parent = parent
         self._children = list(children)
         self._return_exceptions = return_exceptions
@@ -335,11 +540,25 @@ class _Aggregate:
         self._on_child_done = on_child_done
         self._remaining = len(self._children)
         self._lock = threading.Lock()
-        parent._cancel_hook = self._cancel_children
+        parent._bind(self, 0)
         if not self._children:
             parent._resolve([])
         for child in self._children:
-            child.add_done_callback(self._child_done)
+            if isinstance(child, Future):
+                child._on_done(self._child_done)
+            else:
+                child.add_done_callback(self._child_done)
+
+    # -- JobControl of the parent ----------------------------------------------------
+
+    def cancel(self, item: int) -> None:
+        self._cancel_children()
+
+    def request_output(self, item: int) -> None:
+        pass
+
+    def stored_output(self, item: int) -> list[str] | None:
+        return None
 
     def _cancel_children(self) -> None:
         for child in self._children:
@@ -347,20 +566,31 @@ class _Aggregate:
 
     def _child_done(self, child: concurrent.futures.Future[Any]) -> None:
         if self._on_child_done is not None:
-            self._on_child_done(child)
-        if not self._return_exceptions and not self._parent.done():
-            error: BaseException | None
-            error = concurrent.futures.CancelledError() if child.cancelled() else child.exception()
+            self._on_child_done(child)  # must not block: it hands user code to a thread
+        # An item cancelled on its own (``mf.futures[i].cancel()``) is not a failure of
+        # the others: they go on, and the map ends as cancelled once they are done.
+        if not self._return_exceptions and not self._parent.done() and not child.cancelled():
+            error = child.exception()
             if error is not None:
                 if self._parent._fail(error) and self._cancel_rest:
-                    self._parent._cancel_hook = None
                     self._cancel_children()
                 return
         with self._lock:
             self._remaining -= 1
             last = self._remaining == 0
-        if last:
-            self._parent._resolve([_outcome(c) for c in self._children])
+        if not last:
+            return
+        cancelled = next((c for c in self._children if c.cancelled()), None)
+        if cancelled is not None and not self._return_exceptions:
+            index = self._children.index(cancelled)
+            self._parent._fail(
+                concurrent.futures.CancelledError(
+                    f"item {index} was cancelled; the other items finished (pass "
+                    "return_exceptions=True to get their results with the cancelled ones)"
+                )
+            )
+            return
+        self._parent._resolve([_outcome(c) for c in self._children])
 
 
 def _outcome(child: concurrent.futures.Future[Any]) -> Any:
@@ -380,7 +610,9 @@ class MapFuture(Future[list[T]], Generic[T]):
 
     With ``return_exceptions=False`` the first failure cancels the remaining items and
     is raised (with a note naming its index); with ``True`` failures take their place in
-    the list as exception objects.
+    the list as exception objects. Cancelling one item (``mf.futures[i].cancel()``) stops
+    only that item: the others go on, and without ``return_exceptions`` the map then
+    raises ``CancelledError`` naming the item once they are done.
     """
 
     def __init__(
@@ -408,9 +640,11 @@ class MapFuture(Future[list[T]], Generic[T]):
     def attach(cls, job_id: str, *, return_exceptions: bool = False) -> MapFuture[Any]:
         """A map future for a map submitted earlier — by this process or another one.
 
-        Reads the map's ``meta.json`` from storage (a short blocking read), then follows
-        its Indexed Job: items already finished resolve from their published results,
-        the others as they finish. Uses the current settings to find the job.
+        Reads the map's ``meta.json`` from storage (a short blocking read, up to 60 s),
+        then follows its Indexed Job: items already finished resolve from their
+        published results, the others as they finish. Uses the current settings to find
+        the job. Raises as :meth:`Future.attach` does (a call's id: ``AscendError``
+        naming ``Future.attach``).
 
         Example::
 
@@ -433,27 +667,51 @@ class MapFuture(Future[list[T]], Generic[T]):
         return len(self._futures)
 
     def __iter__(self) -> Iterator[T | BaseException]:
+        # Ctrl-C while waiting for any item cancels the whole map, as in result().
         for fut in self._futures:
+            try:
+                fut._wait(None, "iterating a MapFuture")
+            except KeyboardInterrupt:
+                self.cancel()
+                raise
             if self._return_exceptions:
-                error = fut.exception()
-                yield error if error is not None else fut.result()
+                yield _outcome(fut)
             else:
                 yield fut.result()
 
     async def __aiter__(self) -> AsyncIterator[T | BaseException]:
         for fut in self._futures:
             try:
-                yield await asyncio.shield(fut)  # leaving the loop must not cancel items
+                # Shielded: leaving the loop early (break) must not cancel items; a
+                # cancelled awaiting task cancels the whole map, as ``await mf`` does.
+                value: Any = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                if not fut.cancelled():  # the awaiting task was cancelled
+                    self.cancel()
+                    raise
+                if not self._return_exceptions:  # the item itself was cancelled
+                    raise concurrent.futures.CancelledError() from None
+                yield concurrent.futures.CancelledError()
             except Exception as error:
                 if not self._return_exceptions:
                     raise
                 yield error
+            else:
+                yield value
 
     def __repr__(self) -> str:
         done = sum(f.done() for f in self._futures)
+        # With return_exceptions the map "finishes" though items raised: say how many.
+        failed = sum(
+            f.done() and not f.cancelled() and f.exception() is not None for f in self._futures
+        )
+        cancelled = sum(f.cancelled() for f in self._futures)
+        extra = "".join(
+            f" {name}={n}" for name, n in (("failed", failed), ("cancelled", cancelled)) if n
+        )
         return (
             f"<ascend.MapFuture {self._name} job={self._job_id} "
-            f"done={done}/{len(self._futures)} state={self.status}>"
+            f"done={done}/{len(self._futures)}{extra} state={self.status}>"
         )
 
 
@@ -496,15 +754,37 @@ class as_completed:
         self._timeout = timeout
 
     def __iter__(self) -> Iterator[concurrent.futures.Future[Any]]:
-        return concurrent.futures.as_completed(self._futures, timeout=self._timeout)
+        _bridge.guard("iterating ascend.as_completed")
+        iterator = concurrent.futures.as_completed(self._futures, timeout=self._timeout)
+        try:
+            yield from iterator
+        except KeyboardInterrupt:
+            _cancel_pending(self._futures)  # what it waited for is cancelled
+            raise
 
     async def __aiter__(self) -> AsyncIterator[concurrent.futures.Future[Any]]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[concurrent.futures.Future[Any]] = asyncio.Queue()
+
+        def arrived(fut: concurrent.futures.Future[Any]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, fut)
+
         for fut in self._futures:
-            fut.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, f))
-        for _ in self._futures:
-            yield await queue.get()
+            if isinstance(fut, Future):
+                fut._on_done(arrived)
+            else:
+                fut.add_done_callback(arrived)
+        try:
+            for _ in self._futures:
+                yield await queue.get()
+        except asyncio.CancelledError:
+            _cancel_pending(self._futures)
+            raise
+
+
+def _cancel_pending(futures: Sequence[concurrent.futures.Future[Any]]) -> None:
+    for fut in futures:
+        fut.cancel()
 
 
 def wait(
@@ -515,7 +795,13 @@ def wait(
     """Block until futures finish, like ``concurrent.futures.wait``; returns ``(done, not_done)``.
 
     ``return_when`` is ``FIRST_COMPLETED``, ``FIRST_EXCEPTION`` or ``ALL_COMPLETED`` (the
-    names in ``concurrent.futures``). In async code use ``asyncio.wait`` on the futures
-    wrapped with ``asyncio.wrap_future``, or ``ascend.as_completed``.
+    names in ``concurrent.futures``); ``timeout`` in seconds. Ctrl-C while waiting
+    cancels the futures still pending. In async code use ``asyncio.wait`` on the futures
+    themselves, or ``ascend.as_completed``.
     """
-    return concurrent.futures.wait(futures, timeout=timeout, return_when=return_when)
+    _bridge.guard("ascend.wait()")
+    try:
+        return concurrent.futures.wait(futures, timeout=timeout, return_when=return_when)
+    except KeyboardInterrupt:
+        _cancel_pending(futures)
+        raise

@@ -14,9 +14,11 @@ array passed to every item of a map is hashed once per map and uploaded once, ev
 from __future__ import annotations
 
 import hashlib
+import io
 import linecache
 import os
 import pickle
+import pickletools
 import re
 import secrets
 import sys
@@ -24,7 +26,7 @@ import sysconfig
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
+from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
 from typing import Any
 
 import cloudpickle
@@ -89,28 +91,42 @@ _SMALL_TYPES = (type(None), bool, int, float, complex, str, bytes)
 
 
 class Blobs:
-    """The large buffers of one submission (a call or a whole map), by SHA-256 digest.
+    """The buffers of one submission (a call or a whole map), copied and hashed once.
 
-    A buffer is hashed once per submission however many items share it: digests are
+    Every out-of-band buffer is copied when the call is made (a snapshot), so an array
+    the caller changes right after the call cannot change what the call sees, nor the
+    bytes that its signature and digests cover. The copy and the SHA-256 digest are
     remembered by the identity of the object that exports the buffer (the array, the
-    ``bytes``), which this registry keeps alive so the identity cannot be reused.
+    ``bytes``), which this registry keeps alive so the identity cannot be reused: an
+    array shared by every item of a map is copied and hashed once.
     """
 
     def __init__(self, threshold: int = BLOB_THRESHOLD) -> None:
         self.threshold = threshold
         self.content: dict[str, memoryview] = {}
-        self._by_object: dict[tuple[int, int], tuple[Any, str]] = {}
+        self._snapshots: dict[tuple[int, int], tuple[Any, memoryview]] = {}
+        self._digests: dict[int, tuple[Any, str]] = {}
         self._arguments: dict[int, tuple[Any, Any]] = {}
+        self._inside: dict[int, tuple[Any, frozenset[int], dict[int, Any]]] = {}
 
-    def digest(self, view: memoryview) -> str:
+    def snapshot(self, view: memoryview) -> memoryview:
+        """A copy of the buffer's bytes as they are now (``bytes`` are not copied)."""
         key = (id(view.obj), view.nbytes)
-        known = self._by_object.get(key)
+        known = self._snapshots.get(key)
         if known is not None and known[0] is view.obj:
             return known[1]
-        flat = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
-        digest = hashlib.sha256(flat).hexdigest()
-        self._by_object[key] = (view.obj, digest)
-        self.content.setdefault(digest, flat)
+        copy = snapshot(view)
+        self._snapshots[key] = (view.obj, copy)
+        return copy
+
+    def digest(self, view: memoryview) -> str:
+        """Register a snapshot (from :meth:`snapshot`) as a blob; returns its digest."""
+        known = self._digests.get(id(view.obj))
+        if known is not None and known[0] is view.obj:
+            return known[1]
+        digest = hashlib.sha256(view).hexdigest()
+        self._digests[id(view.obj)] = (view.obj, digest)
+        self.content.setdefault(digest, view)
         return digest
 
     def argument(self, value: Any, what: str) -> Any:
@@ -126,7 +142,7 @@ class Blobs:
         if large_bytes:
             replacement = protocol.lift_large_bytes(value)  # out of band, then a blob
         else:
-            pickled, buffers = dumps(value, what)
+            pickled, buffers = dumps(value, what, self)
             replacement = _Nested(pickled, buffers) if len(pickled) >= self.threshold else value
         self._arguments[id(value)] = (value, replacement)
         return replacement
@@ -134,10 +150,92 @@ class Blobs:
     def arguments(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], what: str
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (
-            tuple(self.argument(a, what) for a in args),
-            {k: self.argument(v, what) for k, v in kwargs.items()},
-        )
+        """The stand-ins of one call's arguments.
+
+        An argument pickled on its own (a blob) must not share an object with another
+        argument of the same call: both would arrive with their own copy, where plain
+        pickling gives one object. Such an argument travels inside the call's pickle.
+        """
+        values = [*args, *kwargs.values()]
+        out = [self.argument(v, what) for v in values]
+        distinct = {id(v): v for v in values if type(v) not in _SMALL_TYPES}
+        if len(distinct) > 1 and any(isinstance(r, _Nested) for r in out):
+            inside = {key: self._contents(v, what) for key, v in distinct.items()}
+            for i, (value, replacement) in enumerate(zip(values, out, strict=True)):
+                if isinstance(replacement, _Nested) and any(
+                    not inside[id(value)].isdisjoint(theirs)
+                    for key, theirs in inside.items()
+                    if key != id(value)
+                ):
+                    out[i] = value
+        return tuple(out[: len(args)]), dict(zip(kwargs, out[len(args) :], strict=True))
+
+    def _contents(self, value: Any, what: str) -> frozenset[int]:
+        """The ids of the objects in ``value`` whose identity matters (once per object)."""
+        known = self._inside.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1]
+        probe = _Probe()
+        try:
+            probe.dump(protocol.lift_large_bytes(value))
+        except Exception as exc:
+            raise SerializationError(f"{what} cannot be pickled: {exc!r}") from exc
+        ids = frozenset(probe.seen)
+        self._inside[id(value)] = (value, ids, probe.seen)  # keeps those ids theirs
+        return ids
+
+
+class _Probe(cloudpickle.Pickler):  # type: ignore[misc]
+    """Pickles a value into nothing, collecting the objects whose identity matters."""
+
+    def __init__(self) -> None:
+        super().__init__(_Discard(), protocol=5, buffer_callback=lambda b: None)
+        self.seen: dict[int, Any] = {}
+
+    def persistent_id(self, obj: Any) -> None:
+        # Called for every object pickle meets; the cheapest test comes first.
+        if type(obj) not in _IMMUTABLE and _identity_matters(obj):
+            self.seen[id(obj)] = obj
+
+
+class _Discard:
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+def _identity_matters(obj: Any) -> bool:
+    """Whether unpickling two copies of ``obj`` instead of one could be noticed: true
+    for mutable values and instances, false for strings, numbers, tuples and things
+    pickled by name (classes, functions, modules)."""
+    if type(obj) in _IMMUTABLE or isinstance(obj, _BY_NAME):
+        return False
+    # Read from the type only: an instance's own __getattr__ must not run here.
+    kind = type(obj)
+    return kind.__hash__ is None or kind.__dictoffset__ != 0 or hasattr(kind, "__slots__")
+
+
+_IMMUTABLE = (*_SMALL_TYPES, tuple, frozenset)
+_BY_NAME = (type, FunctionType, BuiltinFunctionType, MethodType, ModuleType)
+
+
+def snapshot(view: memoryview) -> memoryview:
+    """The buffer's bytes as they are now, in memory nobody else can change.
+
+    A ``bytes`` object is immutable and is kept as it is; anything else (an array, a
+    ``bytearray``, a buffer shared with other code) is copied.
+    """
+    flat = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+    root: Any = flat.obj
+    while isinstance(root, memoryview):
+        root = root.obj
+    if type(root) is bytes:
+        return flat
+    copy = getattr(root, "copy", None)
+    if type(root).__module__ == "numpy" and callable(copy) and root.nbytes == flat.nbytes:
+        # NumPy allocates large copies faster than bytes() (huge pages), and copying
+        # in the array's own order keeps its raw bytes in the same order.
+        return pickle.PickleBuffer(copy(order="K")).raw()
+    return memoryview(flat.tobytes())
 
 
 class _Nested:
@@ -156,30 +254,46 @@ class _Nested:
         )
 
 
-def dumps(value: Any, what: str) -> tuple[bytes, list[memoryview]]:
-    """Pickle ``value``; returns the stream and the out-of-band buffers."""
+def dumps(value: Any, what: str, blobs: Blobs | None = None) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``value``; returns the stream and snapshots of the out-of-band buffers."""
     register_user_modules()
     buffers: list[memoryview] = []
+    copy = snapshot if blobs is None else blobs.snapshot
     try:
         pickled = cloudpickle.dumps(
             protocol.lift_large_bytes(value),
             protocol=5,
-            buffer_callback=lambda b: buffers.append(b.raw()),
+            buffer_callback=lambda b: buffers.append(copy(b.raw())),
         )
     except Exception as exc:
+        if not _too_deep(exc):
+            raise SerializationError(
+                f"{what} cannot be pickled: {exc!r}. Fix: pass plain data (numbers, strings, "
+                "lists, dicts, arrays) or objects that pickle; open files, locks, sockets and "
+                "clients must be created inside the remote function."
+            ) from exc
         raise SerializationError(
-            f"{what} cannot be pickled: {exc!r}. Fix: pass plain data (numbers, strings, "
-            "lists, dicts, arrays) or objects that pickle; open files, locks, sockets and "
-            "clients must be created inside the remote function."
+            f"{what} cannot be pickled: it nests too deeply ({exc}). Fix: pass a flatter "
+            "structure (a linked list or tree thousands of levels deep exceeds Python's "
+            "recursion limit), or raise it with sys.setrecursionlimit()."
         ) from exc
     return pickled, buffers
+
+
+def _too_deep(exc: BaseException) -> bool:
+    """Pickling ran out of recursion depth (cloudpickle reports it as a PicklingError)."""
+    return isinstance(exc, RecursionError) or "recursion" in str(exc)
 
 
 def encode(
     kind: str, value: Any, what: str, key: bytes, blobs: Blobs | None = None
 ) -> list[protocol.Buffer]:
-    """The envelope's parts; with ``blobs``, large buffers are left out and registered."""
-    pickled, buffers = dumps(value, what)
+    """The envelope's parts; with ``blobs``, large buffers are left out and registered.
+
+    Every part is a snapshot taken now: changing an argument after this returns changes
+    neither the envelope nor its signature.
+    """
+    pickled, buffers = dumps(value, what, blobs)
     digests: list[str | None] = []
     if blobs is not None:
         digests = [blobs.digest(b) if b.nbytes >= blobs.threshold else None for b in buffers]
@@ -193,6 +307,39 @@ def digest(parts: Sequence[protocol.Buffer]) -> str:
     return f"sha256:{sha.hexdigest()}"
 
 
+STATUS_HEAD = 64 << 10
+"""Bytes of a published result that :func:`peek_status` needs (its header and the
+first opcodes of its pickle); more than any header ascend writes."""
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+
+
+def peek_status(head: protocol.Buffer) -> str | None:
+    """``"ok"`` (a value) or ``"error"`` (an exception): what a published result holds,
+    read from its first bytes (``STATUS_HEAD`` of them) without unpickling anything.
+
+    The runner publishes ``("ok" | "error", payload)``, so the status is the first
+    string of the pickle. The signature is not checked (it covers the whole body): this
+    is for listings, never for handing a value to anyone. ``None`` when the bytes do
+    not say (not a result envelope, a truncated header, another pickle shape).
+    """
+    try:
+        header, offset = protocol.read_header(head)
+    except protocol.EnvelopeError:
+        return None
+    if header.kind != "result":
+        return None
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(bytes(memoryview(head)[offset:]))):
+            if opcode.name in _STRING_OPS:
+                return arg if arg in ("ok", "error") else None
+            if opcode.name not in ("PROTO", "FRAME"):
+                return None  # the status is the tuple's first item: nothing else before it
+    except ValueError:  # the head ends inside an opcode
+        return None
+    return None
+
+
 def decode(data: protocol.Buffer, what: str, key: bytes) -> Any:
     """Check and unpickle an envelope written by the runner."""
     try:
@@ -203,6 +350,9 @@ def decode(data: protocol.Buffer, what: str, key: bytes) -> Any:
             f"{what} was refused before unpickling: {exc}. It was not written by an ascend "
             "runner holding this user's signing key; delete it or rerun the call."
         ) from exc
+    # Arrays unpickled from read-only memory are read-only; object stores hand back
+    # ``bytes``. Values must come back as plain pickling gives them: writable.
+    buffers = [memoryview(bytearray(b)) if b.readonly else b for b in buffers]
     try:
         return cloudpickle.loads(pickled, buffers=buffers)
     except Exception as exc:
@@ -231,22 +381,152 @@ def _with_local_sources(text: str) -> str:
 
 
 def rebuild_exception(info: dict[str, Any], where: str) -> BaseException:
-    """The remote exception as its own type where possible, else a RemoteError."""
+    """The remote exception as its own type where possible, else a :class:`RemoteError`.
+
+    An exception that cannot be rebuilt exactly (its ``__init__`` needs other arguments
+    than it keeps, an attribute does not pickle) still matches ``except ItsType:`` when
+    its type can be found in a module already imported here: it is raised as an instance
+    of a subclass of both that type and :class:`RemoteError`, and says why.
+    """
     text = _with_local_sources(str(info.get("traceback") or ""))
+    type_name, message = str(info.get("type")), str(info.get("message"))
+    if type_name == protocol.SERIALIZATION_ERROR:
+        return SerializationError(f"{where}: {message}")
     raw = info.get("exception")
+    reason = info.get("rebuild_error") or "the runner did not send it"
     error: BaseException | None = None
     if raw is not None:
         try:
             candidate = cloudpickle.loads(raw)
-        except Exception:
-            candidate = None
-        if isinstance(candidate, BaseException):
-            error = candidate
+        except Exception as exc:
+            reason = f"unpickling it here failed: {exc!r}"
+        else:
+            if isinstance(candidate, BaseException):
+                error = candidate
+            else:
+                reason = f"it unpickled as a {type(candidate).__name__}, not an exception"
     if error is None:
-        return RemoteError(str(info.get("type")), str(info.get("message")), text)
+        rebuilt = remote_error(type_name, message, text, str(reason))
+        _restore_attributes(rebuilt, info.get("attributes") or {})
+        return rebuilt
     error.__cause__ = RemoteTraceback(text)
     error.add_note(f"(raised remotely in {where}; the remote traceback is shown above)")
     return error
+
+
+_OWN_ATTRIBUTES = frozenset({"type_name", "message", "remote_traceback", "reason", "args"})
+
+
+def _restore_attributes(error: RemoteError, attributes: dict[str, Any]) -> None:
+    """Give the stand-in the remote exception's attributes that could travel (``e.code``)."""
+    lost: list[str] = []
+    for name, raw in attributes.items():
+        if name in _OWN_ATTRIBUTES or not isinstance(raw, bytes):
+            continue
+        try:
+            setattr(error, name, cloudpickle.loads(raw))
+        except Exception as exc:  # one such attribute must not hide the error itself
+            lost.append(f"{name} ({type(exc).__name__})")
+    if lost:
+        error.add_note(f"(attributes that could not be rebuilt here: {', '.join(lost)})")
+
+
+def remote_error(type_name: str, message: str, text: str, reason: str = "") -> RemoteError:
+    """A :class:`RemoteError` for ``type_name``, also an instance of that type when the
+    type is an ``Exception`` subclass in a module imported here."""
+    original = _imported_type(type_name)
+    cls: type[RemoteError] = RemoteError
+    if original is not None and issubclass(original, Exception):
+        cls = _remote_error_class(original)
+    error = cls(type_name, message, text, reason)
+    if reason:
+        if original is not None and isinstance(error, original):
+            stand_in = (
+                f"It is raised as an instance of both {type_name} and ascend.RemoteError, "
+                "whose __init__ did not run."
+            )
+        elif original is None:
+            stand_in = f"Fix: import {type_name} in this process to catch it by its own type."
+        else:
+            stand_in = (
+                f"It is raised as ascend.RemoteError: {type_name} cannot be combined with it."
+            )
+        error.add_note(
+            f"(raised remotely as {type_name}, which could not be rebuilt exactly here: "
+            f"{reason}. {stand_in})"
+        )
+    return error
+
+
+def _imported_type(type_name: str) -> type[BaseException] | None:
+    """The exception type named ``module.QualName``, if its module is imported here.
+
+    Modules are never imported for this: a type the caller can name in ``except`` is
+    already loaded, and importing a module named by remote data would run its code.
+    """
+    parts = type_name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:split]))
+        if module is None:
+            continue
+        found: Any = module
+        for attribute in parts[split:]:
+            found = getattr(found, attribute, None)
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found
+        return None
+    return None
+
+
+_remote_classes: dict[type[Exception], type[RemoteError]] = {}
+
+
+def _remote_error_class(original: type[Exception]) -> type[RemoteError]:
+    """A subclass of ``original`` and :class:`RemoteError` (one per type), or plain
+    ``RemoteError`` when the two cannot be combined (incompatible C layouts)."""
+    with _lock:
+        cls = _remote_classes.get(original)
+        if cls is None:
+            if issubclass(original, RemoteError):
+                cls = original
+            else:
+                try:
+                    cls = type(
+                        original.__name__,
+                        (_RebuiltRemoteError, original),
+                        {"__module__": original.__module__, "__qualname__": original.__qualname__},
+                    )
+                except TypeError:
+                    cls = RemoteError
+            _remote_classes[original] = cls
+        return cls
+
+
+class _RebuiltRemoteError(RemoteError):
+    """Base of the per-type subclasses: never runs the original type's ``__init__``,
+    which may need arguments the remote exception did not keep."""
+
+    def __init__(
+        self, type_name: str, message: str, remote_traceback: str, reason: str = ""
+    ) -> None:
+        # The class already says the type: its text is the remote exception's own.
+        BaseException.__init__(self, message)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        self.reason = reason
+        self.add_note(f"Remote traceback:\n{remote_traceback.rstrip()}")
+
+    # The original type's own __str__/__repr__ may read attributes that were not kept.
+    def __str__(self) -> str:
+        return BaseException.__str__(self)
+
+    def __repr__(self) -> str:
+        return BaseException.__repr__(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The class is made at run time: pickle it by what it stands for.
+        return (remote_error, (self.type_name, self.message, self.remote_traceback, self.reason))
 
 
 _keys: dict[Path, bytes] = {}

@@ -15,8 +15,12 @@ Layout under the configured ``storage`` URL::
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import re
 import secrets
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,13 +31,39 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-from ascend._errors import StorageError, unwrap_group
+from ascend._errors import IntegrityError, NoSuchJob, StorageError, unwrap_group
+from ascend._logging import logger
 from ascend_runner.protocol import Buffer
 
 _CONCURRENCY = 32
 _BLOB_CONCURRENCY = 2  # on stores without the S3 path below, an upload copies the blob
 _PART_SIZE = 32 << 20  # S3 multipart: part size, and memory per part in flight
 _PARTS_IN_FLIGHT = 4
+
+
+log = logger
+
+_JOB_ID = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def checked_job_id(job_id: object) -> str:
+    """``job_id`` if it can name a job: a DNS-1123 label (lowercase letters, digits and
+    ``-``, at most 63 characters), as ascend makes them (``train-1f2e3d4c5b``).
+
+    Raises ``TypeError`` for a non-string and :class:`NoSuchJob` for a string no job can
+    have (whitespace, ``/``, ``..``, capitals): such an id is never looked up, so it
+    cannot reach outside the user's job folders.
+    """
+    if not isinstance(job_id, str):
+        raise TypeError(f"a job id is a str (fut.job_id), not {type(job_id).__name__}")
+    if not _JOB_ID.fullmatch(job_id):
+        raise NoSuchJob(
+            f"{job_id!r} is not an ascend job id: ids are lowercase letters, digits and '-' "
+            "(at most 63), like 'train-1f2e3d4c5b'. Fix: copy the id from fut.job_id or "
+            "`ascend jobs list`, without quotes or spaces around it.",
+            job_id=job_id,
+        )
+    return job_id
 
 
 @dataclass(frozen=True)
@@ -91,6 +121,7 @@ class Storage:
         self.protocol = protocol_of(root)
         self._options = dict(options)
         self._fs: AsyncFileSystem | None = None
+        self._session: Any = None
         self._limiter = anyio.CapacityLimiter(_CONCURRENCY)
         self._blob_limiter = anyio.CapacityLimiter(_BLOB_CONCURRENCY)
         self._lock = anyio.Lock()
@@ -115,8 +146,8 @@ class Storage:
                     # Not from fsspec's instance cache: an async filesystem belongs to the
                     # loop that made it, and another Storage may live on another loop.
                     fs = cls(asynchronous=True, skip_instance_cache=True, **self._options)
-                    if hasattr(fs, "set_session"):
-                        await fs.set_session()
+                    if hasattr(fs, "set_session"):  # s3fs: its client, closed by aclose()
+                        self._session = await fs.set_session()
                 else:
                     fs = AsyncFileSystemWrapper(cls(**self._options), asynchronous=True)
                 self._fs = fs
@@ -125,6 +156,50 @@ class Storage:
 
     def _path(self, fs: AsyncFileSystem, url: str) -> str:
         return str(fs._strip_protocol(url))
+
+    async def __aenter__(self) -> Storage:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the filesystem's connections on this loop, the one that opened them.
+
+        Cloud filesystems register exit-time finalizers that close their sessions on
+        their loop; by the interpreter's exit the loop has ended, and some (adlfs) then
+        print a traceback, others leave unclosed sessions. This runs those finalizers
+        now, while the loop runs, and disarms them. The storage can be used again after
+        (a new filesystem is made). Never raises.
+        """
+        fs, self._fs = self._fs, None
+        session, self._session = self._session, None
+        if fs is None:
+            return
+        if session is not None and hasattr(session, "close"):  # s3fs registers no finalizer
+            try:
+                await session.close()
+            except Exception as exc:
+                log.debug("closing a storage session failed", error=repr(exc))
+        before = asyncio.all_tasks()
+        registry: dict[Any, Any] = getattr(weakref.finalize, "_registry", {})
+        for finalizer, info in list(registry.items()):
+            if info.weakref() is not fs:
+                continue
+            detached = finalizer.detach()
+            if detached is None:
+                continue
+            _obj, func, args, kwargs = detached
+            try:
+                if func is fsspec.asyn.sync:  # sync(loop, coroutine function, *args)
+                    await args[1](*args[2:], **kwargs)
+                else:  # s3fs, gcsfs: schedule the close on the running loop
+                    func(*args, **kwargs)
+            except Exception as exc:
+                log.debug("closing a storage filesystem failed", error=repr(exc))
+        started = asyncio.all_tasks() - before
+        if started:
+            await asyncio.wait(started, timeout=2)
 
     async def write(self, url: str, parts: Sequence[Buffer]) -> None:
         """Write an object from parts, without joining them first on local files."""
@@ -141,14 +216,17 @@ class Storage:
             except Exception as exc:
                 raise StorageError(f"cannot write {url}: {exc!r}") from exc
 
-    async def put_blob(self, url: str, data: memoryview) -> bool:
+    async def put_blob(self, url: str, data: memoryview, sha256: str) -> bool:
         """Store a content-addressed object unless it is already there.
 
-        Returns whether it was uploaded. Concurrent jobs sharing a blob upload it once;
-        otherwise one existence check per submission decides (so a blob removed from the
-        store is uploaded again by the next job that needs it). Readers never see a
-        partial blob: object stores publish a PUT (or a multipart upload, aborted on
-        failure) whole, and local files are written aside and renamed.
+        ``sha256`` is the hex digest the object is stored under: the bytes are checked
+        against it (length and digest) before they are written, so nothing is ever
+        stored under a digest it does not have (:class:`~ascend.IntegrityError`
+        otherwise). Returns whether it was uploaded. Concurrent jobs sharing a blob
+        upload it once; otherwise one existence check per submission decides (so a blob
+        removed from the store is uploaded again by the next job that needs it). Readers
+        never see a partial blob: object stores publish a PUT (or a multipart upload,
+        aborted on failure) whole, and local files are written aside and renamed.
         """
         while url in self._blob_uploads:
             await self._blob_uploads[url].wait()
@@ -157,6 +235,13 @@ class Storage:
             if await self.exists(url):
                 return False
             async with self._blob_limiter:
+                actual = await anyio.to_thread.run_sync(_sha256, data)
+                if actual != sha256:
+                    raise IntegrityError(
+                        f"refusing to store {data.nbytes} bytes at {url}: their SHA-256 is "
+                        f"{actual}, not {sha256}. The bytes changed after they were hashed; "
+                        "this is a bug in ascend, please report it."
+                    )
                 await self._write_whole(url, data)
             return True
         finally:
@@ -246,6 +331,21 @@ class Storage:
             except Exception as exc:
                 raise StorageError(f"cannot read {url}: {exc!r}") from exc
 
+    async def read_head(self, url: str, size: int) -> bytes:
+        """The object's first ``size`` bytes (all of it when shorter), in one ranged
+        read. Raises ``FileNotFoundError`` if it does not exist."""
+        fs = await self._filesystem()
+        path = self._path(fs, url)
+        async with self._limiter:
+            self.stats["read"] += 1
+            try:
+                data = await fs._cat_file(path, start=0, end=size)
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                raise StorageError(f"cannot read {url}: {exc!r}") from exc
+        return bytes(data)
+
     async def read_json(self, url: str) -> Any:
         return json.loads(bytes(await self.read(url)))
 
@@ -282,6 +382,10 @@ class Storage:
                 pass
             except Exception as exc:
                 raise StorageError(f"cannot delete {url}: {exc!r}") from exc
+
+
+def _sha256(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _joined(parts: Sequence[Buffer]) -> Buffer:

@@ -1,7 +1,9 @@
 """The test cluster from the command line.
 
-python -m tests.cluster build       compile the control plane (cached)
+python -m tests.cluster build       compile the control plane (cached); with
+                                    ASCEND_TEST_NODES=real also build the nodes' images
 python -m tests.cluster up          start cluster + stores in the background, print how to use them
+                                    (ASCEND_TEST_NODES=real: real kubelets, see docs/testing.md)
 python -m tests.cluster status      what is running
 python -m tests.cluster down        stop everything
 python -m tests.cluster kind-up     a kind cluster instead (needs Docker and kind)
@@ -37,19 +39,27 @@ def _alive(pid: int) -> bool:
 
 def cmd_build() -> int:
     print(build.build())
+    from tests.cluster.cluster import real_nodes
+
+    if real_nodes():  # the nodes' images, built once from Debian packages and cached
+        from tests.cluster import images
+
+        for name in images.images():
+            print(name)
     return 0
 
 
 def cmd_serve() -> int:
     """The background supervisor started by ``up`` (not meant to be run by hand)."""
-    from tests.cluster import stores
+    from tests.cluster import hostenv, stores
     from tests.cluster.cluster import Cluster
     from tests.cluster.controlplane import install_signal_handlers
 
     install_signal_handlers()
     data_dir = Path(tempfile.mkdtemp(prefix="ascend-testcluster-"))
     cluster = Cluster(data_dir).start()
-    services = stores.start_all(data_dir / "stores")
+    host = hostenv.SERVICE_ADDRESS if cluster.real else "127.0.0.1"  # where pods reach
+    services = stores.start_all(data_dir / "stores", host)
     record = {
         "pid": os.getpid(),
         "data_dir": str(data_dir),
@@ -144,6 +154,16 @@ def cmd_down() -> int:
     else:
         print("no test cluster was running")
     state.state_file().unlink(missing_ok=True)
+    from tests.cluster import hostenv
+
+    # Real nodes: undo whatever an interrupted run left on the host (no-op otherwise),
+    # unless a test session's cluster with real nodes is running now.
+    slot = hostenv.try_lock()
+    if slot is None:
+        print("a test cluster with real nodes is running (a test session): left alone")
+        return 0
+    with slot:
+        hostenv.restore()
     return 0
 
 

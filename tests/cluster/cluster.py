@@ -1,21 +1,33 @@
-"""The whole test cluster: control plane, node agents, test namespaces and RBAC."""
+"""The whole test cluster: control plane, nodes, test namespaces and RBAC.
+
+Nodes are real kubelets with their own containerd (``nodes.RealNode``) when
+``ASCEND_TEST_NODES=real``, and Python node agents (``nodeagent.py``, pods as host
+processes) otherwise, until the real nodes run the whole e2e suite.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
-from tests.cluster import build, pki
+from tests.cluster import build, hostenv, pki
 from tests.cluster.controlplane import NODE_MONITOR_GRACE, ControlPlane, Process
+
+if TYPE_CHECKING:
+    from tests.cluster.nodes import RealNode
+    from tests.cluster.stores import Registry, Store
 
 NAMESPACE = "ascend-e2e"
 USER_NAMESPACE = "ascend-e2e-user"
 GPU_TAINT = "nvidia.com/gpu=present:NoSchedule"
+STORAGE_SECRET = "ascend-test-storage"
 
 # name -> (cpu, memory, gpus, instance type, taints)
 TOPOLOGY: dict[str, tuple[str, str, int, str, tuple[str, ...]]] = {
@@ -42,7 +54,13 @@ _RBAC = [
                 "resources": ["pods", "pods/log", "events"],
                 "verbs": ["get", "list", "watch"],
             },
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "verbs": ["get", "list", "create", "patch", "delete"],
+            },
         ],
     },
     {
@@ -55,6 +73,29 @@ _RBAC = [
         ],
     },
 ]
+
+# The API server's client identity towards kubelets (logs, exec, port-forward).
+_KUBELET_API_RBAC = {
+    "apiVersion": "rbac.authorization.k8s.io/v1",
+    "kind": "ClusterRoleBinding",
+    "metadata": {"name": "ascend-test-apiserver-kubelet"},
+    "roleRef": {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "system:kubelet-api-admin",
+    },
+    "subjects": [
+        {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": pki.KUBELET_CLIENT_USER}
+    ],
+}
+
+
+def real_nodes() -> bool:
+    """Whether the test cluster's nodes are real kubelets (``ASCEND_TEST_NODES=real``)."""
+    mode = os.environ.get("ASCEND_TEST_NODES", "agent")
+    if mode not in ("agent", "real"):
+        raise RuntimeError(f"ASCEND_TEST_NODES={mode!r}: use `real` or `agent`")
+    return mode == "real"
 
 
 class NodeAgentProcess:
@@ -162,28 +203,46 @@ class NodeAgentProcess:
 
 
 class Cluster:
-    """Control plane + node agents (default topology: two CPU nodes and one GPU node)."""
+    """Control plane + nodes (default topology: two CPU nodes and one GPU node)."""
 
     def __init__(
-        self, data_dir: Path | None = None, *, node_grace: str = NODE_MONITOR_GRACE
+        self,
+        data_dir: Path | None = None,
+        *,
+        node_grace: str = NODE_MONITOR_GRACE,
+        real: bool | None = None,
     ) -> None:
-        """``node_grace``: how long a silent node agent stays Ready (short by default, so
-        that node-loss tests are quick; longer for heavy loads on small machines)."""
+        """``node_grace``: how long a silent node stays Ready (short by default, so that
+        node-loss tests are quick; longer for heavy loads on small machines). ``real``:
+        real kubelets instead of node agents (default: ``ASCEND_TEST_NODES``)."""
+        self._own_data_dir = data_dir is None  # made here: removed by a clean stop()
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="ascend-testcluster-"))
-        self.control_plane = ControlPlane(self.data_dir, node_grace=node_grace)
-        self.nodes = {
-            name: NodeAgentProcess(
-                self.control_plane.kubeconfig,
-                name,
-                cpu=cpu,
-                memory=memory,
-                gpus=gpus,
-                instance_type=instance_type,
-                taints=taints,
-                log_dir=self.data_dir / f"node-{name}",
-            )
-            for name, (cpu, memory, gpus, instance_type, taints) in TOPOLOGY.items()
-        }
+        self.real = real_nodes() if real is None else real
+        self.control_plane = ControlPlane(
+            self.data_dir, node_grace=node_grace, verify_kubelets=self.real
+        )
+        self.registry: Registry | None = None
+        self._images: list[str] = []
+        self._host_lock: IO[str] | None = None
+        self.host_before: dict[str, Any] = {}
+        # After stop(): what real nodes left changed on the host (empty when restored).
+        self.host_changes: dict[str, Any] = {}
+        self.storage: Store | None = None  # with real nodes: S3 that pods can reach
+        self.nodes: dict[str, NodeAgentProcess | RealNode] = {}
+        if not self.real:
+            self.nodes = {
+                name: NodeAgentProcess(
+                    self.control_plane.kubeconfig,
+                    name,
+                    cpu=cpu,
+                    memory=memory,
+                    gpus=gpus,
+                    instance_type=instance_type,
+                    taints=taints,
+                    log_dir=self.data_dir / f"node-{name}",
+                )
+                for name, (cpu, memory, gpus, instance_type, taints) in TOPOLOGY.items()
+            }
         self.namespace = NAMESPACE
         self.user_namespace = USER_NAMESPACE
 
@@ -195,24 +254,105 @@ class Cluster:
     def unprivileged_kubeconfig(self) -> Path:
         return self.control_plane.unprivileged_kubeconfig
 
+    @property
+    def suite_address(self) -> str | None:
+        """Where pods reach servers the suite starts: with real nodes an address on ``lo``
+        the suite adds (pods cannot reach ``127.0.0.1``); None with node agents."""
+        return hostenv.SERVICE_ADDRESS if self.real else None
+
+    def _make_real_nodes(self) -> None:
+        """The registry with the suite's images, then one RealNode per topology entry."""
+        from tests.cluster import images, stores
+        from tests.cluster.nodes import RealNode
+
+        self.registry = stores.start_registry(
+            self.data_dir / "registry", host=hostenv.SERVICE_ADDRESS
+        )
+        self._images = list(images.push_all(self.registry.url))
+        self.storage = stores.start_s3(self.data_dir / "s3", host=hostenv.SERVICE_ADDRESS)
+        mirrors = {r: self.registry.url for r in ("docker.io", "ghcr.io", "registry.k8s.io")}
+        mirrors[self.registry.url] = self.registry.url  # itself, over plain HTTP (env images)
+        pki_dir = self.data_dir / "pki"
+        for index, (name, (_, _, gpus, instance_type, taints)) in enumerate(
+            TOPOLOGY.items(), start=1
+        ):
+            root = self.data_dir / f"ascend-testnodes-{name}"
+            root.mkdir(parents=True, exist_ok=True)
+            creds = pki.node(pki_dir, name, hostenv.node_address(index))
+            kubeconfig = pki.kubeconfig(
+                root / "kubelet.kubeconfig",
+                self.control_plane.server,
+                self.control_plane.creds.ca_cert,
+                user=f"system:node:{name}",
+                cert=creds.client_cert,
+                key=creds.client_key,
+            )
+            self.nodes[name] = RealNode(
+                index=index,
+                name=name,
+                root=root,
+                kubeconfig=kubeconfig,
+                credentials=creds,
+                ca_cert=self.control_plane.creds.ca_cert,
+                labels={"node.kubernetes.io/instance-type": instance_type},
+                taints=taints,
+                extended_resources={"nvidia.com/gpu": str(gpus)} if gpus else {},
+                mirrors=mirrors,
+                admin_kubeconfig=self.control_plane.kubeconfig,
+            )
+
     def start(self) -> Cluster:
         try:
+            if self.real:
+                self._host_lock = hostenv.lock()  # one cluster with real nodes at a time
+                hostenv.restore(keep_service_address=True)  # an interrupted run's leftovers
+                self.host_before = hostenv.view()
+                hostenv.prepare()
             self.control_plane.start()
+            if self.real:
+                self._make_real_nodes()
             for node in self.nodes.values():
                 node.start()
             manifest = self.data_dir / "rbac.json"
-            manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": _RBAC}))
+            items = [*_RBAC, _KUBELET_API_RBAC]
+            manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
             applied = self.control_plane.kubectl("apply", "-f", str(manifest))
             if applied.returncode != 0:
                 raise RuntimeError(f"applying test namespaces and RBAC failed: {applied.stderr}")
+            if self.real:
+                self._pull_everywhere()
             for node in self.nodes.values():
                 node.wait_ready()
             self._wait_service_account(NAMESPACE)
             self._wait_service_account(USER_NAMESPACE)
+            if self.storage is not None:
+                self._storage_secret()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _pull_everywhere(self) -> None:
+        """Every node pulls the suite's images at once (a first call then starts in about a
+        second instead of waiting for a pull)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            pulls = [pool.submit(n.pull, self._images) for n in self.nodes.values()]  # type: ignore[union-attr]
+            for pull in pulls:
+                pull.result()
+
+    def _storage_secret(self) -> None:
+        """The S3 credentials as a Secret in each test namespace, for pods' ``envFrom``
+        (ascend's ``storage_secret`` setting)."""
+        assert self.storage is not None
+        for namespace in (NAMESPACE, USER_NAMESPACE):
+            args = [f"--from-literal={k}={v}" for k, v in self.storage.env.items()]
+            result = self.control_plane.kubectl(
+                "create", "secret", "generic", STORAGE_SECRET, "-n", namespace, *args
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"creating the storage secret failed: {result.stderr}")
 
     def _wait_service_account(self, namespace: str) -> None:
         # Pods are refused until the namespace's default service account exists.
@@ -227,10 +367,47 @@ class Cluster:
         if result.returncode != 0:
             raise RuntimeError(f"no default service account in {namespace}: {result.stderr}")
 
-    def stop(self) -> None:
-        for node in self.nodes.values():
-            node.stop()
-        self.control_plane.stop()
+    def stop(self, *, keep_data: bool = False) -> None:
+        """Stop everything; with real nodes, also put the host back as found. The data
+        folder (logs, etcd, the nodes' disks: up to 2 GB with real nodes) is removed
+        when this cluster made it, unless ``keep_data`` (a failed test session keeps it
+        to be read) or something is still mounted below it."""
+        try:
+            for node in self.nodes.values():
+                if self.real:
+                    node.destroy()  # type: ignore[union-attr]
+                else:
+                    node.stop()
+            for service in (self.storage, self.registry):
+                if service is not None:
+                    service.stop()
+            self.control_plane.stop()
+        finally:
+            if self.real and self._host_lock is not None:
+                hostenv.restore()
+                # Compared before the lock is released: the next cluster changes the host.
+                after = hostenv.view()
+                before = self.host_before
+                self.host_changes = {
+                    k: (before[k], after[k]) for k in after if before[k] != after[k]
+                }
+                self._host_lock.close()
+                self._host_lock = None
+            if self._own_data_dir and not keep_data:
+                self._remove_data_dir()
+
+    def _remove_data_dir(self) -> None:
+        root = str(self.data_dir.resolve())
+        with open("/proc/self/mountinfo") as info:
+            mounted = [
+                line.split()[4]
+                for line in info
+                if line.split()[4] == root or line.split()[4].startswith(root + "/")
+            ]
+        if mounted:
+            print(f"keeping {root}: still mounted below it: {mounted[:3]}", file=sys.stderr)
+            return
+        shutil.rmtree(root, ignore_errors=True)
 
     def __enter__(self) -> Cluster:
         return self.start()

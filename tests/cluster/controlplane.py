@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.cluster import build, pki
@@ -28,9 +29,9 @@ TOLERATION_SECONDS = "2"
 _live: set[Process] = set()
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -38,12 +39,18 @@ class Process:
     """A component process in its own process group, logging to a file."""
 
     def __init__(
-        self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.env = env
+        self.preexec_fn = preexec_fn
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -56,6 +63,7 @@ class Process:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 env=self.env,
+                preexec_fn=self.preexec_fn,
             )
         finally:
             log.close()
@@ -133,10 +141,16 @@ class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler in ``data_dir``."""
 
     def __init__(
-        self, data_dir: Path | None = None, *, node_grace: str = NODE_MONITOR_GRACE
+        self,
+        data_dir: Path | None = None,
+        *,
+        node_grace: str = NODE_MONITOR_GRACE,
+        verify_kubelets: bool = False,
     ) -> None:
+        """``verify_kubelets``: authenticate kubelets by the cluster CA (real nodes)."""
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="ascend-testcluster-"))
         self.node_grace = node_grace
+        self.verify_kubelets = verify_kubelets
         self.binary = build.build()
         self.creds = pki.create(self.data_dir / "pki")
         self.etcd_port = free_port()
@@ -217,6 +231,17 @@ class ControlPlane:
             f"--default-unreachable-toleration-seconds={TOLERATION_SECONDS}",
             "--profiling=false",
             "--v=1",
+            *(
+                # Real kubelets: verified with the cluster CA, and spoken to with the API
+                # server's own client certificate (node agents serve a self-signed one).
+                [
+                    f"--kubelet-client-certificate={c.kubelet_client_cert}",
+                    f"--kubelet-client-key={c.kubelet_client_key}",
+                    f"--kubelet-certificate-authority={c.ca_cert}",
+                ]
+                if self.verify_kubelets
+                else []
+            ),
         ]
 
     def _cm_args(self) -> list[str]:

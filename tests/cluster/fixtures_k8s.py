@@ -13,7 +13,9 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ascend.backends._kubernetes._spec import default_image
 from tests.cluster import build, state
-from tests.cluster.cluster import NAMESPACE, USER_NAMESPACE, Cluster
+from tests.cluster.cluster import NAMESPACE, STORAGE_SECRET, USER_NAMESPACE, Cluster
+from tests.cluster.shared import Shared
+
+# The suite's calls run on the runner image the test cluster serves, as on a cluster whose
+# team publishes one: without it every test (each with storage of its own) would first
+# build the runner-only environment. The default path (no image: stock base image and
+# the bootstrap) is tested in tests/integration/test_environments_k8s.py.
+SUITE_RUNNER_IMAGE = default_image()
 
 if TYPE_CHECKING:  # the plugin loads in every session; the client only in e2e
     from kubernetes_asyncio import client as k8s
@@ -46,6 +56,44 @@ class K8sCluster:
     @property
     def control_plane(self) -> Any:
         return self.cluster.control_plane if self.cluster else None
+
+    @property
+    def nodes_are_agents(self) -> bool:
+        """Pods are host processes (the node agents), not containers."""
+        return self.cluster is not None and not self.cluster.real
+
+    @property
+    def real_nodes(self) -> bool:
+        return self.cluster is not None and self.cluster.real
+
+    def storage_settings(self, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+        """``ascend.configure`` arguments for storage every pod can read: a fresh prefix in
+        the cluster's S3 store with real nodes (pods are containers: they see no host
+        folder; credentials reach them through a Secret), a shared host folder with node
+        agents (pods are host processes) and on kind (the client's folder is not the
+        kind node's: use real nodes or a cloud store there)."""
+        if self.cluster is not None and self.cluster.storage is not None:
+            store = self.cluster.storage
+            store.activate()
+            return {
+                "storage": f"{store.url}/{uuid.uuid4().hex}",
+                "storage_options": store.storage_options,
+                "storage_secret": STORAGE_SECRET,
+            }
+        storage = tmp_path_factory.mktemp("k8s-storage")
+        storage.chmod(0o777)
+        return {"storage": storage.as_uri()}
+
+    def shared(self, folder: Path) -> Shared:
+        """A folder the test and every pod can read and write (``folder`` is used with
+        node agents; real nodes use a fresh prefix in the cluster's S3 store)."""
+        if self.cluster is not None and self.cluster.storage is not None:
+            store = self.cluster.storage
+            store.activate()
+            return Shared(f"{store.url}/shared-{uuid.uuid4().hex}", store.storage_options)
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o777)
+        return Shared(folder.as_uri())
 
     def require_own_cluster(self, what: str) -> Cluster:
         if self.cluster is None:
@@ -124,7 +172,7 @@ def wait_until(
 
 
 @pytest.fixture(scope="session")
-def k8s_cluster() -> Iterator[K8sCluster]:
+def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[K8sCluster]:
     if os.environ.get("ASCEND_TEST_CLUSTER") == "kind":
         kubeconfig = state.kind_kubeconfig()
         if not kubeconfig.exists():
@@ -142,7 +190,38 @@ def k8s_cluster() -> Iterator[K8sCluster]:
             cluster=cluster,
         )
     finally:
-        cluster.stop()
+        # The data folder (logs, etcd, nodes' disks) is kept for a session that failed.
+        failed = request.session.testsfailed > 0
+        cluster.stop(keep_data=failed)
+        if failed:
+            print(f"\ntest cluster's logs kept in {cluster.data_dir}", file=sys.stderr)
+    # Real nodes change sysctls, links, mounts, cgroups and fixed paths: stopping the
+    # cluster must put every one of them back.
+    assert not cluster.host_changes, (
+        f"stopping the real nodes left the host changed: {cluster.host_changes}"
+    )
+
+
+@pytest.fixture
+def on_cluster(k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFactory) -> K8sCluster:
+    """ascend configured for the test cluster, with storage every pod can read."""
+    import ascend
+
+    ascend.configure(
+        backend="kubernetes",
+        kubeconfig=str(k8s_cluster.kubeconfig),
+        namespace=k8s_cluster.namespace,
+        unschedulable_grace=2,
+        image=SUITE_RUNNER_IMAGE,
+        **k8s_cluster.storage_settings(tmp_path_factory),
+    )
+    return k8s_cluster
+
+
+@pytest.fixture
+def shared(k8s_cluster: K8sCluster, tmp_path: Path) -> Shared:
+    """A folder this test and its pods share (gates, markers)."""
+    return k8s_cluster.shared(tmp_path / "shared")
 
 
 @pytest.fixture

@@ -11,17 +11,26 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import stores
+from tests.cluster import hostenv, stores
+from tests.cluster.cluster import real_nodes
 
 
 def _start(
     name: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[stores.Store | stores.Registry]:
-    service = stores.STARTERS[name](tmp_path_factory.mktemp(f"store-{name}"))
+    workdir = tmp_path_factory.mktemp(f"store-{name}")
+    if real_nodes():
+        # Pods on real nodes reach only the suite's own address, never 127.0.0.1.
+        hostenv.add_address(hostenv.SERVICE_ADDRESS)
+        service = stores.STARTERS[name](workdir, host=hostenv.SERVICE_ADDRESS)  # type: ignore[operator]
+    else:
+        service = stores.STARTERS[name](workdir)
     try:
         yield service
     finally:
         service.stop()
+        if real_nodes() and not hostenv.cluster_running():
+            hostenv.remove_address(hostenv.SERVICE_ADDRESS)
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,9 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+CRI_MAX_LINE = 16384  # containerd's default max_container_log_line_size
+
+
 def now_nano() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -669,18 +672,40 @@ class NodeAgent:
     async def pump(
         self, stream: asyncio.StreamReader | None, name: str, container: Container
     ) -> None:
+        """Write the stream to the CRI log file as containerd does: one record per line,
+        a line longer than ``CRI_MAX_LINE`` bytes (or cut off by the end of the output)
+        as partial ``P`` records followed by a full ``F`` one; bytes kept as printed."""
         if stream is None:
             return
-        with container.log_path.open("a") as log_file:
+        pending = b""
+        with container.log_path.open("ab") as log_file:
             while True:
-                line = await stream.readline()
-                if not line:
-                    return
-                text = line.decode(errors="replace").rstrip("\n")
-                log_file.write(f"{now_nano()} {name} F {text}\n")
+                chunk = await stream.read(65536)
+                pending += chunk
+                lines = pending.split(b"\n")
+                pending = b"" if not chunk else lines.pop()
+                records: list[tuple[bytes, bytes]] = []
+                for line in lines:  # ``chunk`` empty: the last line had no newline
+                    for start in range(0, max(len(line), 1), CRI_MAX_LINE):
+                        whole = chunk and start + CRI_MAX_LINE >= len(line)
+                        records.append(
+                            (line[start : start + CRI_MAX_LINE], b"F" if whole else b"P")
+                        )
+                while len(pending) >= CRI_MAX_LINE:
+                    records.append((pending[:CRI_MAX_LINE], b"P"))
+                    pending = pending[CRI_MAX_LINE:]
+                for content, tag in records:
+                    if not content and tag == b"P":
+                        continue
+                    # One write per record: stdout's and stderr's records never mix.
+                    log_file.write(
+                        b"%s %s %s %s\n" % (now_nano().encode(), name.encode(), tag, content)
+                    )
                 log_file.flush()
                 async with container.new_line:
                     container.new_line.notify_all()
+                if not chunk:
+                    return
 
     async def enforce_memory(self, container: Container, limit: int) -> None:
         assert container.process is not None
@@ -756,34 +781,42 @@ class NodeAgent:
         await response.prepare(request)
         sent = 0
 
-        def render(record: str) -> tuple[datetime.datetime, str] | None:
-            parts = record.split(" ", 3)
+        # As the kubelet: partial (P) records continue the line they started, which gets
+        # one timestamp; a full (F) record ends it with a newline.
+        at_line_start, skipping = True, False
+
+        def render(record: bytes) -> bytes | None:
+            nonlocal at_line_start, skipping
+            parts = record.split(b" ", 3)
             if len(parts) < 4:
                 return None
-            stamp = parse_time(parts[0])
-            if since is not None and stamp < since:
+            stamp, _, tag, content = parts
+            starts = at_line_start
+            if starts:
+                skipping = since is not None and parse_time(stamp.decode()) < since
+            at_line_start = tag != b"P"
+            if skipping:
                 return None
-            return stamp, (f"{parts[0]} {parts[3]}" if timestamps else parts[3]) + "\n"
+            prefix = stamp + b" " if timestamps and starts else b""
+            return prefix + content + (b"" if tag == b"P" else b"\n")
 
         position = 0
         first = True
         while True:
-            with path.open() as f:
+            with path.open("rb") as f:
                 f.seek(position)
                 chunk = f.read()
                 position = f.tell()
-            records = [r for r in chunk.splitlines() if r]
-            if chunk and not chunk.endswith("\n"):  # a partial record: read it next time
-                position -= len(chunk.splitlines()[-1])
-                records = records[:-1]
+            records = chunk.split(b"\n")
+            position -= len(records[-1])  # a record still being written: read it next time
+            records = [r for r in records[:-1] if r]
             if first and tail is not None:
                 records = records[-tail:] if tail else []
             first = False
             for record in records:
-                rendered = render(record)
-                if rendered is None:
+                data = render(record)
+                if data is None:
                     continue
-                data = rendered[1].encode()
                 if limit is not None and sent + len(data) > limit:
                     data = data[: limit - sent]
                 await response.write(data)

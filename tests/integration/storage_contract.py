@@ -5,10 +5,12 @@ Used by ``test_storage_contract.py`` (local files, memory) and by the cloud-stor
 
 from __future__ import annotations
 
+import hashlib
+
 import anyio
 import pytest
 
-from ascend import StorageError, _storage
+from ascend import IntegrityError, StorageError, _storage
 from ascend._storage import Storage
 
 
@@ -60,11 +62,22 @@ class StorageContract:
     ) -> None:
         monkeypatch.setattr(_storage, "_PART_SIZE", 5 << 20)  # S3: a three-part upload
         data = memoryview(bytes(range(256)) * (48 << 12))  # 12 MiB
-        url = f"{storage.root}/blobs/sha256/large"
-        assert await storage.put_blob(url, data) is True
+        digest = hashlib.sha256(data).hexdigest()
+        url = f"{storage.root}/blobs/sha256/{digest}"
+        assert await storage.put_blob(url, data, digest) is True
         assert bytes(await storage.read(url)) == data
-        assert await storage.put_blob(url, data) is False
-        assert await storage.list(f"{storage.root}/blobs/sha256") == ["large"]
+        assert await storage.put_blob(url, data, digest) is False
+        assert await storage.list(f"{storage.root}/blobs/sha256") == [digest]
+
+    async def test_bytes_are_never_stored_under_a_digest_they_do_not_have(
+        self, storage: Storage
+    ) -> None:
+        data = memoryview(b"the bytes that were hashed")
+        other = hashlib.sha256(b"other bytes").hexdigest()
+        url = f"{storage.root}/blobs/sha256/{other}"
+        with pytest.raises(IntegrityError, match="refusing to store 26 bytes"):
+            await storage.put_blob(url, data, other)
+        assert not await storage.exists(url)
 
     async def test_unknown_protocol_is_a_storage_error_naming_the_fix(self) -> None:
         with pytest.raises(StorageError, match="no filesystem for 'nosuchproto://'"):

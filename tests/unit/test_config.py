@@ -70,6 +70,7 @@ def test_env_values_are_parsed_and_bad_ones_named(monkeypatch: pytest.MonkeyPatc
         ("project", "Has Spaces"),
         ("max_workers", 0),
         ("kubernetes_writes_per_second", 0),
+        ("termination_grace", -1),
     ],
 )
 def test_invalid_settings_are_rejected(key: str, value: object) -> None:

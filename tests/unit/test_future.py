@@ -12,6 +12,25 @@ def _future(name: str = "f") -> Future:
     return Future(f"{name}-0123456789", name)
 
 
+class _Control:
+    """A job control that records what the future asked of its job."""
+
+    def __init__(self, stored: list[str] | None = None) -> None:
+        self.cancelled: list[int] = []
+        self.requested: list[int] = []
+        self.stored: list[str] | None = stored
+
+    def cancel(self, item: int) -> None:
+        self.cancelled.append(item)
+
+    def request_output(self, item: int) -> None:
+        self.requested.append(item)
+
+    def stored_output(self, item: int) -> list[str] | None:
+        stored, self.stored = self.stored, None
+        return stored
+
+
 def test_future_is_a_concurrent_future_with_a_readable_repr() -> None:
     fut = _future("train")
     assert isinstance(fut, concurrent.futures.Future)
@@ -33,23 +52,23 @@ def test_future_can_be_awaited_from_another_thread_resolving_it() -> None:
 
 def test_awaiting_task_cancelled_cancels_the_call() -> None:
     fut = _future()
-    hooked = threading.Event()
-    fut._cancel_hook = hooked.set
+    control = _Control()
+    fut._bind(control, 3)
 
     async def main() -> None:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(fut, timeout=0.05)
 
     asyncio.run(main())
-    assert fut.cancelled() and hooked.is_set()
+    assert fut.cancelled() and control.cancelled == [3]
 
 
-def test_cancel_runs_the_hook_once_and_not_after_completion() -> None:
-    calls = []
+def test_cancel_tells_the_job_once_and_not_after_completion() -> None:
     fut = _future()
-    fut._cancel_hook = lambda: calls.append(1)
+    control = _Control()
+    fut._bind(control, 0)
     assert fut.cancel() and fut.cancel()
-    assert calls == [1]
+    assert control.cancelled == [0]
     with pytest.raises(concurrent.futures.CancelledError):
         fut.result()
     done = _future()
@@ -168,11 +187,11 @@ def test_logs_asked_for_as_the_item_finishes_come_from_its_stored_copy(mode: str
     # The live output was requested, but the item finished before it could be followed:
     # the backend then reports the stored copy, and the stream yields that.
     fut = _future("item")
-    requests: list[int] = []
-    fut._log_request = lambda: requests.append(1)
+    control = _Control()
+    fut._bind(control, 0)
     stream = fut.logs()
-    assert requests == [1]
-    fut._log_loader = lambda: ["from storage 1", "from storage 2"]
+    assert control.requested == [0]
+    control.stored = ["from storage 1", "from storage 2"]
     fut._resolve(0)
 
     async def collect() -> list[str]:
@@ -184,9 +203,10 @@ def test_logs_asked_for_as_the_item_finishes_come_from_its_stored_copy(mode: str
 
 def test_live_output_is_not_replaced_by_the_stored_copy() -> None:
     fut = _future("item")
-    fut._log_request = lambda: None
+    control = _Control()
+    fut._bind(control, 0)
     stream = fut.logs()
     fut._log.append("live")
-    fut._log_loader = lambda: ["stored"]
+    control.stored = ["stored"]
     fut._resolve(0)
     assert list(stream) == ["live"]

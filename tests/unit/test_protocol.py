@@ -32,11 +32,20 @@ def test_large_bytes_are_lifted_out_of_band_and_come_back_as_bytes() -> None:
     blob = bytes(range(256)) * (p.LARGE_BYTES // 256 + 1)
     buffers: list = []
     pickled = cloudpickle.dumps(
-        p.lift_large_bytes((blob, 1)), protocol=5, buffer_callback=buffers.append
+        p.lift_large_bytes(blob), protocol=5, buffer_callback=buffers.append
     )
     assert len(pickled) < 1000 and len(buffers) == 1
     value = pickle.loads(pickled, buffers=buffers)
-    assert value == (blob, 1) and type(value[0]) is bytes
+    assert value == blob and type(value) is bytes
+
+
+def test_containers_are_never_rebuilt_to_lift_bytes() -> None:
+    blob = bytes(p.LARGE_BYTES)
+    cyclic: dict[str, object] = {"blob": blob}
+    cyclic["self"] = cyclic
+    assert p.lift_large_bytes(cyclic) is cyclic
+    pair = (blob, 1)
+    assert p.lift_large_bytes(pair) is pair
 
 
 @pytest.mark.parametrize("position", [20, -1])

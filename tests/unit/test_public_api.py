@@ -4,10 +4,15 @@ import ascend
 
 EXPECTED = {
     "ImagePullError",
+    "ImageBuildError",
+    "StartupTimeout",
     "OOMKilled",
     "PermissionDenied",
+    "Preempted",
     "Unschedulable",
     "AscendError",
+    "BlockingWaitError",
+    "NoSuchJob",
     "ConfigError",
     "DeadlineExceeded",
     "Future",
@@ -50,5 +55,12 @@ def test_errors_form_one_hierarchy() -> None:
         obj = getattr(ascend, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, ascend.AscendError)
-    assert issubclass(ascend.DeadlineExceeded, TimeoutError)
     assert issubclass(ascend.ConfigError, ValueError)
+    assert issubclass(ascend.NoSuchJob, LookupError)
+    assert issubclass(ascend.BlockingWaitError, RuntimeError)
+
+
+def test_a_stopped_call_is_not_confusable_with_a_wait_that_ran_out() -> None:
+    # ``except TimeoutError`` around ``fut.result(timeout=...)`` means "wait again"; a
+    # call stopped at its deadline must not match it, or such a loop never ends.
+    assert not issubclass(ascend.DeadlineExceeded, TimeoutError)

@@ -15,7 +15,7 @@ from ascend._resources import Resources, memory_bytes
         ({"gpu": True}, "whole number of GPUs"),
         ({"timeout": 0}, "positive number of seconds"),
         ({"retries": -1}, "whole number"),
-        ({"requirements": "torch"}, "must be a list"),
+        ({"requirements": "torch"}, "neither a list of requirements nor an existing file"),
         ({"requirements": ["torch=2.6"]}, "not a valid requirement"),
         ({"env": {"1BAD": "x"}}, "env must map"),
         ({"env": {"OK": 1}}, "env must map"),
@@ -68,3 +68,17 @@ def test_remote_keeps_function_metadata() -> None:
     assert rf.__wrapped__ is documented
     assert rf.__name__ == "documented" and rf.__doc__ == "Doubles x."
     assert rf.local(21) == 42
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [({"gpu": -1}, "whole number of GPUs"), ({"memory": "lots"}, "not a memory quantity")],
+)
+def test_resources_validate_on_construction_too(options: dict, fragment: str) -> None:
+    with pytest.raises(ascend.ConfigError, match=fragment):
+        ascend.Resources(**options)
+
+
+def test_resources_normalise_on_construction() -> None:
+    made = ascend.Resources(cpu=2, requirements=["numpy>=2"])  # type: ignore[arg-type]
+    assert made.cpu == "2" and made.requirements == ("numpy>=2",)

@@ -37,7 +37,7 @@ import json
 import pickle
 import struct
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 MAGIC: Final = b"ASCEND\x01\n"
@@ -69,6 +69,52 @@ ENV_SKIP_DONE: Final = "ASCEND_SKIP_DONE"
 """When ``1``, items whose result is already published are not run again (retries)."""
 ENV_BLOBS_URI: Final = "ASCEND_BLOBS_URI"
 """The folder of content-addressed blobs: a blob is ``{folder}/sha256/{hex digest}``."""
+ENV_ENV_URL: Final = "ASCEND_ENV_URL"
+"""For the bootstrap: the environment archive (a path, ``file://`` or ``http(s)://`` URL)."""
+ENV_ENV_SHA256: Final = "ASCEND_ENV_SHA256"
+"""For the bootstrap: the archive's SHA-256 (hex); a different archive is refused."""
+ENV_ENV_CACHE: Final = "ASCEND_ENV_CACHE"
+"""For the bootstrap: the folder of unpacked environments (default: a temp folder)."""
+
+ENV_RUN_TIMEOUT: Final = "ASCEND_RUN_TIMEOUT"
+"""Seconds the runner may run, from its own start (the call's ``timeout``; for a map
+chunk, the per-item timeout times its items). Past it the runner stops the function and
+exits ``DEADLINE``. Unset: no limit."""
+ENV_STARTUP_TIMEOUT: Final = "ASCEND_STARTUP_TIMEOUT"
+"""For the bootstrap: seconds that fetching and unpacking the environment may take (the
+call's ``startup_timeout``); past it the bootstrap exits ``STARTUP_TIMEOUT``."""
+ENV_STARTED_FILE: Final = "ASCEND_STARTED_FILE"
+"""For the bootstrap: a file it creates once the environment is unpacked, just before
+the runner starts (a Kubernetes startup probe waits for it, which makes the runner's
+start visible through the API as the container's ``started``)."""
+
+ENV_CLIENT_PID: Final = "ASCEND_CLIENT_PID"
+"""The local backend's client process: the runner stops (as on ``SIGTERM``) when it dies."""
+
+RUNNER_ENV: Final = frozenset(
+    {
+        ENV_PACKAGE_URI,
+        ENV_RESULT_URI,
+        ENV_INPUT_URI,
+        ENV_RESULTS_URI,
+        ENV_INDEX,
+        ENV_STORAGE_OPTIONS,
+        ENV_SIGNING_KEY,
+        ENV_ATTEMPT,
+        ENV_LOGS_URI,
+        ENV_SKIP_DONE,
+        ENV_BLOBS_URI,
+        ENV_CLIENT_PID,
+        ENV_ENV_URL,
+        ENV_ENV_SHA256,
+        ENV_ENV_CACHE,
+        ENV_RUN_TIMEOUT,
+        ENV_STARTUP_TIMEOUT,
+        ENV_STARTED_FILE,
+    }
+)
+"""The runner's own variables. It removes them from its environment before running the
+function, so the function (and any remote call it makes in turn) never sees them."""
 
 
 class ExitCode(enum.IntEnum):
@@ -90,29 +136,36 @@ class ExitCode(enum.IntEnum):
     """The result could not be written to storage."""
     BAD_INVOCATION = 85
     """The runner was started without the environment it needs."""
+    OUTPUT_LOST = 86
+    """The runner's output pipe closed under the function (its client died): nothing was
+    published, since the resulting ``BrokenPipeError`` is not the function's answer."""
+    TERMINATED = 87
+    """The runner got ``SIGTERM`` (the call was cancelled, its client died, the pod was
+    evicted or deleted) or its client process died: it stopped the function at once and
+    published nothing. A retry can fix it (as ``DEADLINE``), so not in :meth:`reserved`."""
+    ENVIRONMENT_UNAVAILABLE = 88
+    """The bootstrap could not fetch, verify or unpack the function's environment."""
+    DEADLINE = 89
+    """The function ran past ``ASCEND_RUN_TIMEOUT`` (its ``timeout``): the runner stopped
+    it and published nothing. Retried up to ``retries`` (a timeout may be a slow node),
+    so not in :meth:`reserved`."""
+    STARTUP_TIMEOUT = 90
+    """Fetching and unpacking the environment took longer than ``ASCEND_STARTUP_TIMEOUT``
+    (the call's ``startup_timeout``): the bootstrap gave up before the runner started."""
 
     @classmethod
     def reserved(cls) -> list[int]:
         """The codes a retry cannot fix."""
-        return [int(code) for code in cls if code is not cls.OK]
+        return [int(code) for code in cls if code not in (cls.OK, cls.TERMINATED, cls.DEADLINE)]
 
+
+SERIALIZATION_ERROR: Final = "ascend.SerializationError"
+"""The ``type`` of an error result whose cause is ascend's, not the function's: the
+return value could not be pickled. The client raises ``ascend.SerializationError``."""
 
 DIAGNOSTIC_PREFIX: Final = "ascend-runner: "
 """The runner's own stderr lines start with this; the last one names the failure."""
-ITEM_MARKER: Final = f"{DIAGNOSTIC_PREFIX}item "
-"""In a chunk of several map items, the runner prints this and the index before each."""
-
-
-def lines_by_item(lines: Iterable[str], first: int) -> dict[int, list[str]]:
-    """Attribute a chunk's output lines to its items, following the item markers."""
-    out: dict[int, list[str]] = {}
-    item = first
-    for line in lines:
-        if line.startswith(ITEM_MARKER) and line[len(ITEM_MARKER) :].isdigit():
-            item = int(line[len(ITEM_MARKER) :])
-            continue
-        out.setdefault(item, []).append(line)
-    return out
+# Map items in a chunk are announced in the output: see ascend_runner.framing.
 
 
 @functools.cache
@@ -336,7 +389,11 @@ def split_body(
         if content is None:
             content = fetched[blob] = memoryview(fetch_blob(blob))
             if content.nbytes != length or hashlib.sha256(content).hexdigest() != blob:
-                raise EnvelopeError(f"blob {blob} does not match its digest or length")
+                raise EnvelopeError(
+                    f"blob {blob} does not match its digest or length (it was stored "
+                    "damaged; delete it from the blobs folder and the next call that needs "
+                    "it uploads it again)"
+                )
         elif content.nbytes != length:
             raise EnvelopeError(f"blob {blob} is used with two different lengths")
         buffers.append(content)
@@ -388,18 +445,56 @@ def loads_nested(pickled: Buffer, *buffers: Buffer) -> Any:
 
 
 def lift_large_bytes(value: Any) -> Any:
-    """Swap large ``bytes`` at the top level of a value (or of a tuple, list or dict)."""
-    if type(value) is bytes:
-        return _OutOfBandBytes(value) if len(value) >= LARGE_BYTES else value
-    if type(value) in (tuple, list):
-        return (
-            type(value)(lift_large_bytes(v) for v in value)
-            if any(type(v) is bytes and len(v) >= LARGE_BYTES for v in value)
-            else value
-        )
-    if type(value) is dict:
-        return {k: lift_large_bytes(v) for k, v in value.items()}
+    """A large ``bytes`` value swapped for its out-of-band stand-in; anything else as is.
+
+    Only the value itself is swapped, never an element of a container: rebuilding a
+    container would give it a new identity, and pickle must keep the identity and the
+    shape of everything it is given (a dict that contains itself, one list referenced
+    from two places). ``bytes`` inside containers travel inside the pickle.
+    """
+    if type(value) is bytes and len(value) >= LARGE_BYTES:
+        return _OutOfBandBytes(value)
     return value
+
+
+def remote_function(fn: Any, resources: dict[str, Any], binds: str | None) -> Any:
+    """Rebuild a pickled ``ascend.RemoteFunction`` (a class attribute of a class shipped
+    by value, a global of the function).
+
+    Where ascend is not installed — a runner image has only this package — a stand-in
+    takes its place: the class still unpickles and its other methods work, and calling
+    the remote function there says what is missing.
+    """
+    try:
+        import importlib
+
+        rebuild = importlib.import_module("ascend._remote")._rebuild
+    except ImportError:
+        return _RemoteFunctionUnavailable(fn, resources, binds)
+    return rebuild(fn, resources, binds)
+
+
+class _RemoteFunctionUnavailable:
+    """Stands in for an ``ascend.RemoteFunction`` where ascend is not installed."""
+
+    def __init__(self, fn: Any, resources: dict[str, Any], binds: str | None) -> None:
+        self.__wrapped__ = fn
+        self._state = (fn, resources, binds)
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        name = getattr(self.__wrapped__, "__qualname__", repr(self.__wrapped__))
+        raise RuntimeError(
+            f"the remote function {name} cannot submit calls from here: the package "
+            "ascend-k8s is not installed where this code runs. Fix: add 'ascend-k8s' to "
+            "requirements=[...] (or to the image) to call remote functions remotely."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Back on the client it is the remote function again.
+        return (remote_function, self._state)
 
 
 def parse_indexes(spec: str) -> Iterator[int]:

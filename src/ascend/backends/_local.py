@@ -9,6 +9,7 @@ once (default: the number of CPU cores).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -20,34 +21,41 @@ from typing import Any, Final
 import anyio
 from anyio.abc import Process
 
+from ascend import _config
 from ascend._errors import (
     AscendError,
-    DeadlineExceeded,
     VersionMismatch,
     WorkerFailed,
 )
 from ascend._logging import logger
-from ascend.backends import ItemOutput, Job, JobObserver, WorkUnit
-from ascend_runner import protocol
+from ascend.backends import ItemOutput, Job, JobObserver, WorkUnit, _diagnosis
+from ascend_runner import _bootstrap, protocol
 from ascend_runner._storage import local_path
 
 log = logger
 
 _KILL_GRACE: Final = 2.0
+_DRAIN_GRACE: Final = 2.0  # seconds to read output still in the pipe after the runner exits
 _TAIL_LINES: Final = 20
+# Seconds past a unit's timeout (and startup_timeout) before the backend stops a runner
+# that did not stop itself.
+_BACKSTOP: Final = 5.0
 _RUNNER: Final = [sys.executable, "-u", "-m", "ascend_runner"]
+
+
 # asyncio kills a still-running child when its loop closes at interpreter exit. A
 # detached call therefore runs the runner under this launcher: only the launcher dies
 # then, and the runner, in the same process group, carries on. The launcher passes the
 # runner's exit code or signal through, so diagnosis is unchanged.
-_DETACHED: Final = [
-    sys.executable,
-    "-c",
-    "import os, subprocess, sys\n"
-    f"code = subprocess.call({_RUNNER!r})\n"
-    "if code < 0:\n    os.kill(os.getpid(), -code)\n"
-    "sys.exit(code)\n",
-]
+def _detached(command: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        "import os, subprocess, sys\n"
+        f"code = subprocess.call({command!r})\n"
+        "if code < 0:\n    os.kill(os.getpid(), -code)\n"
+        "sys.exit(code)\n",
+    ]
 
 
 class LocalBackend:
@@ -67,19 +75,35 @@ class LocalBackend:
             )
         # A map's own limit applies on top of the backend's, which all jobs share.
         own = anyio.CapacityLimiter(job.max_parallel or len(job.units))
+        spawned = _Spawned(len(job.units), observer)
         async with anyio.create_task_group() as tg:
             for unit in job.units:
-                tg.start_soon(self._run_unit, job, unit, observer, own)
+                tg.start_soon(self._run_unit, _Unit(job, unit, observer, own, spawned))
 
-    async def _run_unit(
-        self, job: Job, unit: WorkUnit, observer: JobObserver, own: anyio.CapacityLimiter
-    ) -> None:
-        async with own, self._limiter:
+    async def _run_unit(self, u: _Unit) -> None:
+        # Cancelling this unit's items (and only them) stops its process.
+        async with anyio.create_task_group() as tg:
+
+            async def stop_when_unwanted() -> None:
+                await u.observer.until_unwanted(u.unit.items)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_when_unwanted)
+            try:
+                await self._run_attempts(u)
+            finally:
+                # Also when it never started: nothing is left to wait for.
+                u.spawned.one(u.unit.index)
+                tg.cancel_scope.cancel()
+
+    async def _run_attempts(self, u: _Unit) -> None:
+        job, unit, observer = u.job, u.unit, u.observer
+        async with u.own, self._limiter:
             attempts = job.resources.retries + 1
             for attempt in range(attempts):
                 if not observer.wanted(unit.items):
                     return
-                error = await self._attempt(job, unit, attempt, observer)
+                error = await self._attempt(u, attempt)
                 if error is None:
                     observer.finished(unit.items)
                     return
@@ -99,18 +123,28 @@ class LocalBackend:
                     error=str(error),
                 )
 
-    async def _attempt(
-        self, job: Job, unit: WorkUnit, attempt: int, observer: JobObserver
-    ) -> AscendError | None:
+    async def _attempt(self, u: _Unit, attempt: int) -> AscendError | None:
         """One runner process; returns why it failed, or None when results are published."""
+        job, unit, observer = u.job, u.unit, u.observer
         env = {
-            **os.environ,
+            # Only the settings of this process pass on, never a runner's own protocol
+            # variables (this client may itself run inside a runner: nested calls).
+            **{k: v for k, v in os.environ.items() if k not in protocol.RUNNER_ENV},
             **job.resources.env,
             **job.runner_env(unit),
             protocol.ENV_ATTEMPT: f"local-{attempt}",
             protocol.ENV_SKIP_DONE: "1" if attempt else "0",
             "PYTHONUNBUFFERED": "1",
         }
+        if not job.settings.detach:
+            # The runner dies with this process, however it dies (even SIGKILL).
+            env[protocol.ENV_CLIENT_PID] = str(os.getpid())
+        command = _RUNNER
+        if job.environment is not None:
+            # A plain interpreter: isolated (-I) and without site-packages (-S), so the
+            # call sees only its environment, as in a pod started from a stock image.
+            command = [sys.executable, "-I", "-S", "-u", _bootstrap.__file__]
+            env.setdefault(protocol.ENV_ENV_CACHE, str(_config._cache_home() / "ascend" / "envs"))
         detach_log: str | None = None
         sink: Any = subprocess.PIPE
         if job.settings.detach:
@@ -122,7 +156,7 @@ class LocalBackend:
             # it is delivered at the next await, inside the try below that stops it.
             with anyio.CancelScope(shield=True):
                 process = await anyio.open_process(
-                    _DETACHED if detach_log else _RUNNER,
+                    _detached(command) if detach_log else command,
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=sink,
@@ -132,22 +166,32 @@ class LocalBackend:
         finally:
             if detach_log:
                 sink.close()
+        u.spawned.one(unit.index)
         observer.started(unit.items)
         output = _Output(unit.items.start, observer, deque(maxlen=_TAIL_LINES))
+        # The runner stops the function itself once it has run its timeout (exit
+        # DEADLINE), and the bootstrap gives up on a slow environment fetch after
+        # startup_timeout (exit STARTUP_TIMEOUT): this bound only catches a runner that
+        # could not stop itself (its timer thread starved by code holding the GIL).
         timeout = job.resources.timeout * len(unit.items) if job.resources.timeout else None
+        if timeout is not None:
+            timeout += _BACKSTOP + (job.settings.startup_timeout if job.environment else 0.0)
         try:
             with anyio.fail_after(timeout):
                 async with anyio.create_task_group() as tg:
                     if process.stdout is not None:
                         tg.start_soon(output.pump, process.stdout)
                     code = await process.wait()
+                    # The call resolves when its runner exits: whatever the function left
+                    # running in the runner's process group (a background child) is
+                    # stopped, and output still held by an escaped one is not waited for.
+                    _kill_group(process.pid)
+                    tg.cancel_scope.deadline = anyio.current_time() + _DRAIN_GRACE
         except TimeoutError:
             with anyio.CancelScope(shield=True):
                 await _stop(process)
-            return DeadlineExceeded(
-                f"{job.name} (job {job.job_id}) ran past its timeout of "
-                f"{job.resources.timeout:g} s per call and was stopped. Fix: raise "
-                "timeout=... or give it less work per call."
+            return _diagnosis.deadline_error(
+                f"{job.name} (job {job.job_id})", job.resources.timeout
             )
         except BaseException:
             # A detached call whose items are still wanted is being left behind at exit:
@@ -159,9 +203,9 @@ class LocalBackend:
         finally:
             if detach_log:
                 with anyio.CancelScope(shield=True):
-                    lines = await anyio.to_thread.run_sync(_read_lines, detach_log)
-                for line in lines:
-                    output.line(line)
+                    data = await anyio.to_thread.run_sync(_read_output, detach_log)
+                output.feed(data)
+                output.end()
         return _diagnose(job, code, output.tail)
 
 
@@ -169,51 +213,54 @@ class _Output(ItemOutput):
     """A runner's output from its pipe."""
 
     async def pump(self, stream: AsyncIterator[bytes]) -> None:
-        pending = b""
         async for chunk in stream:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                self.line(raw.decode(errors="replace").rstrip("\r"))
-        if pending:
-            self.line(pending.decode(errors="replace"))
+            self.feed(chunk)
+            await self.room()
+        self.end()
 
 
 def _diagnose(job: Job, code: int, tail: deque[str]) -> AscendError | None:
-    if code in (protocol.ExitCode.OK, protocol.ExitCode.USER_EXCEPTION):
-        return None
-    last = "\n".join(tail)
-    reason = next(
-        (
-            line[len(protocol.DIAGNOSTIC_PREFIX) :]
-            for line in reversed(tail)
-            if line.startswith(protocol.DIAGNOSTIC_PREFIX)
-        ),
-        "",
+    """The same diagnosis as the Kubernetes backend's (``backends._diagnosis``)."""
+    return _diagnosis.exit_error(
+        f"{job.name} (job {job.job_id})",
+        code,
+        logs="\n".join(tail),
+        message=_diagnosis.runner_reason(tail),
+        timeout=job.resources.timeout,
+        startup_timeout=job.settings.startup_timeout,
     )
-    where = f"{job.name} (job {job.job_id})"
-    if code == protocol.ExitCode.VERSION_MISMATCH:
-        return VersionMismatch(f"{where}: the runner refused the package: {reason}")
-    if code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        return WorkerFailed(
-            f"{where}: the runner process was killed by {name}. Last output:\n{last}",
-            exit_code=128 - code,
-            logs=last,
-        )
-    if code in protocol.ExitCode.reserved():
-        meaning = protocol.ExitCode(code).name.lower().replace("_", " ")
-        return WorkerFailed(
-            f"{where}: the runner failed ({meaning}, exit code {code}): {reason}",
-            exit_code=code,
-            logs=last,
-        )
-    return WorkerFailed(
-        f"{where}: the runner process exited with code {code} without publishing a result. "
-        f"Last output:\n{last}",
-        exit_code=code,
-        logs=last,
-    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+    """One work unit of a job being run, and what its attempts share."""
+
+    job: Job
+    unit: WorkUnit
+    observer: JobObserver
+    own: anyio.CapacityLimiter  # the job's own max_parallel, over all its units
+    spawned: _Spawned
+
+
+class _Spawned:
+    """Counts units whose first process started (or that never will); tells the
+    observer when all have, which makes a detached job durable."""
+
+    def __init__(self, units: int, observer: JobObserver) -> None:
+        self._left = units
+        self._seen: set[int] = set()
+        self._observer = observer
+
+    def one(self, unit: int) -> None:
+        if unit not in self._seen:
+            self._seen.add(unit)
+            if len(self._seen) == self._left:
+                self._observer.submitted()
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 async def _stop(process: Process) -> None:
@@ -239,7 +286,7 @@ def _detach_log_path(job: Job, unit: WorkUnit) -> str:
     return os.path.join(folder, f"output-{unit.index}.log")
 
 
-def _read_lines(path: str) -> list[str]:
+def _read_output(path: str) -> bytes:
     with contextlib.suppress(OSError), open(path, "rb") as f:
-        return f.read().decode(errors="replace").splitlines()
-    return []
+        return f.read()
+    return b""

@@ -1,12 +1,13 @@
 // Command testcluster runs one Kubernetes control-plane component per process:
 //
-//	testcluster etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubectl [flags]
+//	testcluster etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kubectl [flags]
 //
 // One binary so the large link happens once; each component still runs as its own
-// process, as on a real control plane.
+// process, as on a real cluster (one kubelet process per node).
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 
@@ -19,6 +20,7 @@ import (
 	kubectl "k8s.io/kubectl/pkg/cmd"
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 	_ "time/tzdata"
@@ -26,7 +28,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: testcluster etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubectl [flags]")
+		fmt.Fprintln(os.Stderr, "usage: testcluster etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kubectl [flags]")
 		os.Exit(2)
 	}
 	component := os.Args[1]
@@ -41,6 +43,8 @@ func main() {
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
 	case "kube-scheduler":
 		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
+	case "kubelet":
+		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
 	case "kubectl":
 		logs.GlogSetter(kubectl.GetLogVerbosity(os.Args)) // nolint:errcheck
 		if err := cli.RunNoErrOutput(kubectl.NewDefaultKubectlCommand()); err != nil {

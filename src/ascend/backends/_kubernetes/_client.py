@@ -109,7 +109,13 @@ class Api:
         await self._client.close()
 
     async def _send(
-        self, method: str, path: str, query: Mapping[str, Any] | None, body: Any, deadline: Any
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Any] | None,
+        body: Any,
+        deadline: Any,
+        content_type: str = "application/json",
     ) -> Any:
         self.requests += 1
         return await self._client.call_api(
@@ -119,7 +125,7 @@ class Api:
                 (k, str(v).lower() if isinstance(v, bool) else str(v))
                 for k, v in (query or {}).items()
             ],
-            header_params={"Accept": "application/json", "Content-Type": "application/json"},
+            header_params={"Accept": "application/json", "Content-Type": content_type},
             body=body,
             auth_settings=["BearerToken"],
             _return_http_data_only=True,
@@ -128,12 +134,18 @@ class Api:
         )
 
     async def request(
-        self, method: str, path: str, *, query: Mapping[str, Any] | None = None, body: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
     ) -> Any:
         """One request; returns the decoded JSON. Raises ApiError / PermissionDenied."""
         if method != "GET":
             await self.writes.acquire()
-        response = await self._send(method, path, query, body, REQUEST_TIMEOUT)
+        response = await self._send(method, path, query, body, REQUEST_TIMEOUT, content_type)
         try:
             raw = await response.read()
         finally:
@@ -142,10 +154,23 @@ class Api:
             raise _error(response.status, raw, method, path)
         return json.loads(raw) if raw else None
 
-    async def stream_lines(
+    def stream_lines(
         self, path: str, query: Mapping[str, Any], *, read_timeout: float
     ) -> AsyncIterator[bytes]:
         """A long-running GET (watch, log follow), line by line."""
+        return self._stream(path, query, read_timeout, lines=True)
+
+    def stream_chunks(
+        self, path: str, query: Mapping[str, Any], *, read_timeout: float
+    ) -> AsyncIterator[bytes]:
+        """A long-running GET (log follow), in pieces as they arrive: no line-length limit."""
+        return self._stream(path, query, read_timeout, lines=False)
+
+    async def _stream(
+        self, path: str, query: Mapping[str, Any], read_timeout: float, *, lines: bool
+    ) -> AsyncIterator[bytes]:
+        """One long-running GET: no total timeout, ``read_timeout`` seconds of silence
+        at most; the response is released when the iteration ends or is closed."""
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=REQUEST_TIMEOUT, sock_read=read_timeout
         )
@@ -153,8 +178,9 @@ class Api:
         try:
             if response.status >= 400:
                 raise _error(response.status, await response.read(), "GET", path)
-            async for line in response.content:
-                yield line
+            pieces = response.content if lines else response.content.iter_any()
+            async for piece in pieces:
+                yield piece
         finally:
             response.release()
 
@@ -168,7 +194,8 @@ def _error(status: int, raw: bytes, method: str, path: str) -> AscendError:
         return PermissionDenied(
             f"Kubernetes refused {method} {path}: {message}. Fix: ask a cluster admin for a Role "
             "in this namespace allowing jobs (create, get, list, watch, delete), pods and "
-            "pods/log (get, list, watch), events (list) and secrets (get, create) — "
+            "pods/log (get, list, watch), events (list), secrets (get, create) and leases "
+            "(get, list, create, patch, delete) — "
             "`ascend` docs/kubernetes.md has the manifest — or use your own namespace "
             "(namespace=... / ASCEND_NAMESPACE)."
         )

@@ -1,0 +1,245 @@
+"""Build a function's environment inside a Kubernetes build Job, on a stock Python.
+
+Standard library only: the build pod runs the base image's own ``python -c`` with this
+source. ``ASCEND_BUILD`` (JSON) says what to do:
+
+- ``pip``: arguments for ``python -m pip install --target <dir> <uv requirement>``
+  (the index options), so uv itself comes from the cluster's package index (unless
+  the image has ``uv`` on its PATH, or ``$ASCEND_UV`` names one);
+- ``uv``: the ``uv pip install`` arguments (without target, requirements, constraints);
+- ``requirements``, ``constraints``: the files' text;
+- ``runner``: where to fetch the runner's source archive (path or HTTPS URL);
+- ``archive``, ``manifest``, ``failure``: where to publish (path or presigned PUT URL);
+- ``manifest_body``: the manifest, completed here with the archive's sha256 and size.
+
+The archive is written before the manifest, so the manifest's presence means the
+environment exists. A failed build publishes ``failure`` (message, log tail) and exits 1.
+Every line of pip's and uv's output is printed, so it reaches the client as pod logs.
+"""
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, BinaryIO
+
+ARCHIVE_MTIME = 0
+TAIL = 40
+
+
+def deterministic_tar(folder: Path) -> bytes:
+    """A byte-identical ``.tar.gz`` of ``folder`` for the same contents, in memory (see
+    :func:`pack`)."""
+    out = io.BytesIO()
+    pack(folder, sorted_entries(folder), out)
+    return out.getvalue()
+
+
+def sorted_entries(folder: Path) -> list[str]:
+    """Every file, link and folder under ``folder`` (relative POSIX paths, sorted),
+    without bytecode."""
+    out = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder).as_posix()
+        if "__pycache__" in rel.split("/") or rel.endswith(".pyc"):
+            continue
+        out.append(rel)
+    return sorted(out)
+
+
+class _Counting:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, out: BinaryIO | gzip.GzipFile) -> None:
+        self.out = out
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        self.out.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def pack(folder: Path, entries: list[str], out: BinaryIO, prefix: str = "") -> tuple[str, str, int]:
+    """Stream a deterministic ``tar+gzip`` of ``entries`` (relative to ``folder``) into
+    ``out``, each stored under ``prefix`` (which gets folder entries of its own): sorted
+    as given, mtimes 0, uid/gid 0 without names, modes 0644/0755, gzip without a name or
+    time at a fixed level. Nothing is held in memory beyond a block.
+
+    Returns the SHA-256 (hex) of the compressed bytes, of the uncompressed tar (an OCI
+    layer's ``diff_id``), and the compressed size.
+    """
+    compressed = _Counting(out)
+    with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, compresslevel=6, mtime=0) as gz:
+        raw = _Counting(gz)
+        with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+
+            def header(name: str) -> tarfile.TarInfo:
+                info = tarfile.TarInfo(name)
+                info.mtime = ARCHIVE_MTIME
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                return info
+
+            parts = [p for p in prefix.strip("/").split("/") if p]
+            for depth in range(1, len(parts) + 1):
+                info = header("/".join(parts[:depth]))
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            base = "/".join(parts)
+            for rel in entries:
+                path = folder / rel
+                info = header(f"{base}/{rel}" if base else rel)
+                if path.is_symlink():
+                    info.type, info.mode = tarfile.SYMTYPE, 0o777
+                    info.linkname = os.readlink(path)
+                    tar.addfile(info)
+                elif path.is_dir():
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                else:
+                    info.size = path.stat().st_size
+                    info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+                    with path.open("rb") as f:
+                        tar.addfile(info, f)
+    return compressed.sha256.hexdigest(), raw.sha256.hexdigest(), compressed.size
+
+
+def _is_url(where: str) -> bool:
+    return where.startswith(("http://", "https://"))
+
+
+def _path(where: str) -> str:
+    return where[len("file://") :] if where.startswith("file://") else where
+
+
+def fetch(where: str) -> bytes:
+    if _is_url(where):
+        import urllib.request
+
+        with urllib.request.urlopen(where, timeout=120) as response:  # noqa: S310 (http(s) only)
+            data: bytes = response.read()
+            return data
+    return Path(_path(where)).read_bytes()
+
+
+def publish(where: str, data: bytes | Path) -> None:
+    """PUT to a presigned URL, or write a file aside and rename it into place. A ``Path``
+    is streamed from its file."""
+    if _is_url(where):
+        import urllib.request
+
+        # Not urllib's default form type: some stores would parse the body as a form.
+        headers = {"Content-Type": "application/octet-stream"}
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
+        headers["Content-Length"] = str(size)
+        for attempt in range(3):
+            try:
+                with contextlib.ExitStack() as stack:
+                    body = stack.enter_context(data.open("rb")) if isinstance(data, Path) else data
+                    request = urllib.request.Request(  # noqa: S310 (http(s) only)
+                        where, data=body, method="PUT", headers=headers
+                    )
+                    stack.enter_context(urllib.request.urlopen(request, timeout=300))  # noqa: S310
+                    return
+            except OSError:
+                if attempt == 2:
+                    raise
+                time.sleep(1 + 2 * attempt)
+    path = Path(_path(where))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    if isinstance(data, Path):
+        shutil.copyfile(data, staging)
+    else:
+        staging.write_bytes(data)
+    os.replace(staging, path)
+
+
+def run(command: list[str], tail: "deque[str]") -> int:
+    """Run ``command``, printing and keeping each line of its output."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    ) as process:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail.append(line)
+            print(line, flush=True)
+        return process.wait()
+
+
+def build(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Install, pack and publish; returns the manifest. Raises RuntimeError on failure."""
+    tail: deque[str] = deque(maxlen=TAIL)
+    # A base image that has uv (or $ASCEND_UV) is used as is; a stock one gets it by pip.
+    uv = os.environ.get("ASCEND_UV") or shutil.which("uv")
+    if not uv:
+        tools = work / "uv"
+        pip = [sys.executable, "-m", "pip", "install", "--no-cache-dir"]
+        pip += ["--disable-pip-version-check", "--target", str(tools), *spec["pip"]]
+        if run(pip, tail) != 0:
+            raise RuntimeError("installing uv in the build pod failed\n" + "\n".join(tail))
+        uv = str(tools / "bin" / "uv")
+    (work / "requirements.txt").write_text(spec["requirements"])
+    (work / "constraints.txt").write_text(spec["constraints"])
+    target = work / "env"
+    command = [uv, "pip", "install", "--target", str(target)]
+    command += ["--requirements", str(work / "requirements.txt")]
+    command += ["--constraints", str(work / "constraints.txt"), *spec["uv"]]
+    tail.clear()
+    code = run(command, tail)
+    if code != 0:
+        raise RuntimeError(f"uv exited with code {code}\n" + "\n".join(tail))
+    with tarfile.open(fileobj=io.BytesIO(fetch(spec["runner"])), mode="r:gz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(target, filter="data")
+        else:  # pragma: no cover - Python < 3.11.4
+            tar.extractall(target)  # noqa: S202 (our own archive, fetched by digest)
+    archive = work / "env.tar.gz"
+    with archive.open("wb") as out:
+        digest, _, size = pack(target, sorted_entries(target), out)
+    publish(spec["archive"], archive)
+    manifest = dict(spec["manifest_body"])
+    manifest.update(sha256=digest, size=size, created=time.time())
+    publish(spec["manifest"], json.dumps(manifest, indent=2, sort_keys=True).encode())
+    print(f"ascend-build: published {digest} ({size} bytes)", flush=True)
+    return manifest
+
+
+def main() -> None:
+    spec = json.loads(os.environ["ASCEND_BUILD"])
+    work = Path(tempfile.mkdtemp(prefix="ascend-build-"))
+    try:
+        build(spec, work)
+    except Exception as exc:
+        text = str(exc)
+        message, _, log = text.partition("\n")
+        print(f"ascend-build: failed: {message}", flush=True)
+        body = {"message": message, "requirement": None, "log": log or text}
+        try:
+            publish(spec["failure"], json.dumps(body).encode())
+        except Exception as publish_error:
+            print(f"ascend-build: cannot publish the failure: {publish_error!r}", flush=True)
+        sys.exit(1)
+    finally:  # a build pod's folder goes with its container, but not on a laptop
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""python -m ascend._cli"""
+
+from ascend._cli import main
+
+main()

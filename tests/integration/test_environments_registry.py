@@ -1,0 +1,133 @@
+"""Registry mode against the suite's OCI registry (distribution 2.8): push, existence
+check by tag, pull by digest, and only the small layer moving when a small requirement
+changes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import anyio
+import pytest
+
+from ascend import _config, _environments, _registry
+from tests.cluster.stores import Registry
+from tests.envindex import TEST_PACKAGE, wheel_index, write_wheel
+
+pytestmark = [pytest.mark.stores, pytest.mark.slow]
+
+HEAVY_PACKAGE = "nvidia-envtest-heavy"
+SMALL_PACKAGE = "ascend-envtest-small"
+
+
+@pytest.fixture(scope="session")
+def registry_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = wheel_index(tmp_path_factory.mktemp("registry-wheels"))
+    heavy = {f"nvidia_envtest_heavy/lib{i}.so": bytes([i]) * 200_000 for i in range(3)}
+    write_wheel(folder, HEAVY_PACKAGE, "1.0", {**heavy, "nvidia_envtest_heavy/__init__.py": b""})
+    write_wheel(folder, SMALL_PACKAGE, "1.0", {"ascend_envtest_small/__init__.py": b"X = 1\n"})
+    return folder
+
+
+def _push_base_image(registry: Registry, work: Path) -> list[str]:
+    """A tiny stand-in for python:3.11-slim, where a docker.io mirror keeps it."""
+    session = _registry._Session(_registry.Target.parse(f"http://{registry.url}/library/python"))
+    tree = work / "base-tree"
+    (tree / "etc").mkdir(parents=True, exist_ok=True)
+    (tree / "etc" / "base-release").write_text("base image file\n")
+    layer = _registry.layer_blob(
+        tree, _registry.Layer("base", ("etc", "etc/base-release")), work / "base.tgz"
+    )
+    config = _registry.canonical_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["python3"]},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+        }
+    )
+    session.upload(layer.path, layer.digest, _registry.LAYER_MEDIA_TYPE)
+    config_digest = f"sha256:{hashlib.sha256(config).hexdigest()}"
+    (work / "base-config.json").write_bytes(config)
+    session.upload(work / "base-config.json", config_digest, _registry.CONFIG_MEDIA_TYPE)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": _registry.MANIFEST_MEDIA_TYPE,
+        "config": {
+            "mediaType": _registry.CONFIG_MEDIA_TYPE,
+            "digest": config_digest,
+            "size": len(config),
+        },
+        "layers": [
+            {"mediaType": _registry.LAYER_MEDIA_TYPE, "digest": layer.digest, "size": layer.size}
+        ],
+    }
+    session.put_manifest(manifest, "3.11-slim")
+    return [layer.digest]
+
+
+@pytest.fixture
+def target(oci_registry: Registry, registry_wheels: Path, tmp_path: Path) -> tuple[str, list[str]]:
+    base_layers = _push_base_image(oci_registry, tmp_path)
+    ascend_settings = {"index_url": "none", "find_links": str(registry_wheels)}
+    _config.reset()
+    import ascend
+
+    ascend.configure(**ascend_settings)
+    return f"http://{oci_registry.url}/ascend-envs", base_layers
+
+
+def _spec(requirements: list[str]) -> _environments.EnvironmentSpec:
+    return _environments.spec_for(_config.current(), requirements, base_image="python:3.11-slim")
+
+
+def test_an_environment_is_pushed_as_the_base_image_plus_its_layers(
+    target: tuple[str, list[str]],
+) -> None:
+    registry, base_layers = target
+    spec = _spec([TEST_PACKAGE, HEAVY_PACKAGE])
+    pushed = anyio.run(_registry.ensure_image, spec, registry)
+    assert pushed.ref.startswith(registry.removeprefix("http://") + "@sha256:")
+    session = _registry._Session(_registry.Target.parse(registry))
+    manifest = session.manifest("ascend-envs", pushed.ref.rsplit("@", 1)[1])
+    digests = [layer["digest"] for layer in manifest["layers"]]
+    assert digests == [*base_layers, *pushed.layers]
+    assert len(pushed.layers) == 3  # the heavy package, the rest, the runner
+    config = json.loads(session.blob("ascend-envs", manifest["config"]["digest"]))
+    assert "PYTHONPATH=/opt/ascend/env" in config["config"]["Env"]
+    assert len(config["rootfs"]["diff_ids"]) == len(digests)
+    for digest in pushed.layers:  # pulled by digest, each as pushed
+        assert f"sha256:{hashlib.sha256(session.blob('ascend-envs', digest)).hexdigest()}" == digest
+    with tarfile.open(fileobj=io.BytesIO(session.blob("ascend-envs", pushed.layers[0]))) as tar:
+        names = tar.getnames()
+    assert any(n.startswith("opt/ascend/env/nvidia_envtest_heavy/") for n in names)
+
+
+def test_a_second_request_finds_the_image_and_pushes_nothing(
+    target: tuple[str, list[str]],
+) -> None:
+    registry, _ = target
+    spec = _spec([TEST_PACKAGE])
+    first = anyio.run(_registry.ensure_image, spec, registry)
+    again = anyio.run(_registry.ensure_image, spec, registry)
+    assert again.ref == first.ref
+    assert again.layers == first.layers
+    assert again.uploaded == 0
+
+
+def test_changing_a_small_requirement_pushes_only_the_small_layer(
+    target: tuple[str, list[str]],
+) -> None:
+    registry, _ = target
+    first = anyio.run(_registry.ensure_image, _spec([TEST_PACKAGE, HEAVY_PACKAGE]), registry)
+    second = anyio.run(
+        _registry.ensure_image, _spec([TEST_PACKAGE, HEAVY_PACKAGE, SMALL_PACKAGE]), registry
+    )
+    heavy, deps, runner = first.layers
+    heavy2, deps2, runner2 = second.layers
+    assert (heavy2, runner2) == (heavy, runner)
+    assert deps2 != deps
+    assert second.uploaded == 2  # the changed layer and the new config; nothing else
