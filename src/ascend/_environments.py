@@ -1172,7 +1172,10 @@ def with_cluster_defaults(
     )
 
 
-_PRESIGN_SECONDS: Final = 12 * 3600
+# A pod may start long after its call (waiting for a GPU, retried, preempted, a map's
+# later items under max_parallel): its archive URL lasts as long as S3 and GCS let a
+# presigned URL live (SigV4 and V4 signing: 7 days at most).
+_PRESIGN_SECONDS: Final = 7 * 24 * 3600
 
 
 async def fetch_url(storage: Storage, url: str) -> str:

@@ -4,6 +4,9 @@ presigned URL with nothing but the standard library."""
 
 from __future__ import annotations
 
+import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -86,6 +89,18 @@ async def test_the_fetch_url_of_an_s3_archive_is_presigned(on_s3: str) -> None:
     signed = await _environments.fetch_url(store, url)
     assert signed.startswith("http")
     assert "Signature" in signed or "X-Amz-Signature" in signed
+    # As long as S3 lets a presigned URL live: a pod may start days after its call.
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(signed).query)
+    if "X-Amz-Expires" in query:  # SigV4: seconds from signing
+        assert int(query["X-Amz-Expires"][0]) == 7 * 24 * 3600
+    else:  # SigV2 (what botocore signs for this endpoint): an epoch
+        assert abs(int(query["Expires"][0]) - (time.time() + 7 * 24 * 3600)) < 600
+    assert await anyio.to_thread.run_sync(_download, signed) == b"data"  # as the bootstrap
+
+
+def _download(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return bytes(response.read())
 
 
 @pytest.mark.anyio
