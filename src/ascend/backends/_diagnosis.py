@@ -53,7 +53,7 @@ def deadline_error(
     the runner's start (time spent starting is ``startup_timeout``'s, reported apart as
     :class:`StartupTimeout`)."""
     limit = f"its timeout of {timeout:g} s per call" if timeout else "its deadline"
-    counted = " (counted from the function's start)" if from_start else ""
+    counted = " (counted from the runner's start)" if from_start else ""
     return DeadlineExceeded(
         f"{where} ran past {limit}{counted} and was stopped. Fix: raise timeout=... or give "
         "it less work per call."
