@@ -77,6 +77,66 @@ async def cluster_jobs(
     }
 
 
+def _local_unit_states(settings: _config.Settings, job_ids: list[str]) -> dict[str, dict[int, str]]:
+    """Each job's units' states from their runner records (blocking: reads files and
+    asks the system about processes)."""
+    from ascend.backends import _local_records
+
+    return {
+        job_id: {
+            unit: _local_records.unit_state(record)
+            for unit, record in _local_records.read(
+                JobPaths.of(settings.user_prefix, job_id).root, job_id
+            ).items()
+        }
+        for job_id in job_ids
+    }
+
+
+def local_job(
+    meta: dict[str, Any], units_state: dict[int, str], statuses: dict[int, str]
+) -> dict[str, Any] | None:
+    """A local job's runner records as the Kubernetes Job status they stand for, so one
+    summary decides both backends' states: ``active`` while a runner (or the client
+    that starts it) lives; ``failedIndexes``: units whose runner ended without publishing
+    every item's result (crashed, killed, timed out); ``None`` without records.
+    ``units_state``: ``live``, ``ended`` or ``cancelled`` by unit."""
+    if not units_state:
+        return None
+    units = meta.get("units") or [[0, 1]]
+    active = 0
+    failed: list[int] = []
+    for unit, state_ in sorted(units_state.items()):
+        if state_ == "live":
+            active += 1
+        elif state_ == "ended":
+            start, stop = units[unit] if unit < len(units) else (0, 0)
+            if any(i not in statuses for i in range(int(start), int(stop))):
+                failed.append(unit)
+    status: dict[str, Any] = {"failedIndexes": ",".join(map(str, failed))}
+    if active:
+        status["active"] = active
+    else:
+        ended = "Failed" if failed else "Complete"
+        status["conditions"] = [{"type": ended, "status": "True"}]
+    return {"metadata": {"name": meta.get("job_id")}, "spec": {}, "status": status}
+
+
+async def local_jobs(
+    settings: _config.Settings,
+    metas: dict[str, dict[str, Any]],
+    outcomes: dict[str, dict[int, str]],
+) -> dict[str, dict[str, Any]]:
+    """The Job-like status of every local job that has runner records, by job id."""
+    states = await anyio.to_thread.run_sync(_local_unit_states, settings, list(metas))
+    jobs: dict[str, dict[str, Any]] = {}
+    for job_id, meta in metas.items():
+        job = local_job({**meta, "job_id": job_id}, states[job_id], outcomes.get(job_id, {}))
+        if job is not None:
+            jobs[job_id] = job
+    return jobs
+
+
 async def stored_jobs(storage: Storage, settings: _config.Settings) -> dict[str, dict[str, Any]]:
     """Every job folder's meta.json under this user's prefix, by job id."""
     ids = await storage.list(f"{settings.user_prefix}/jobs")
@@ -261,6 +321,8 @@ async def collect(
         for job_id, meta in metas.items():
             if "function" in meta:
                 tg.start_soon(outcome, job_id)
+    if settings.backend == "local":
+        jobs = await local_jobs(settings, metas, outcomes)
     rows = [
         _row(job_id, metas.get(job_id), jobs.get(job_id), outcomes.get(job_id))
         for job_id in {*jobs, *metas}
@@ -330,16 +392,21 @@ def _one(ctx: typer.Context, job_id: str) -> tuple[_config.Settings, Storage, di
         except FileNotFoundError:
             meta = None
         if meta is None and job_id not in jobs:
+            if settings.backend == "kubernetes":
+                where = f"no Job in namespace {settings.namespace or 'default'} and no folder"
+                flags = "--storage, --project, --user and --namespace"
+            else:
+                where, flags = "no folder", "--storage, --project and --user"
             raise AscendError(
-                f"no job {job_id!r}: no Job in namespace {settings.namespace or 'default'} and "
-                f"no folder under {settings.user_prefix}/jobs. Fix: check the id (ascend jobs "
-                "list) and that --storage, --project, --user and --namespace are the ones it was "
-                "submitted with."
+                f"no job {job_id!r}: {where} under {settings.user_prefix}/jobs. Fix: check the "
+                f"id (ascend jobs list) and that {flags} are the ones it was submitted with."
             )
         outcome = None
-        job = jobs.get(job_id)
         if meta is not None and "function" in meta:
             outcome = await stored_outcome(storage, settings, {**meta, "job_id": job_id})
+            if settings.backend == "local":
+                jobs = await local_jobs(settings, {job_id: meta}, {job_id: outcome})
+        job = jobs.get(job_id)
         row = _row(job_id, meta, job, outcome)
         row["storage"] = paths.root
         row["meta"] = meta
@@ -458,11 +525,15 @@ def logs(
 @app.command()
 @with_output
 def cancel(ctx: typer.Context, job_id: str) -> None:
-    """Stop a running job: delete its Job (and so its pods), as ``fut.cancel()`` does."""
+    """Stop a running job, as ``fut.cancel()`` does: on Kubernetes delete its Job (and so
+    its pods); on the local backend stop its runner processes on this machine."""
     st = state(ctx)
     try:
         checked_job_id(job_id)
         settings = st.settings()
+        if settings.backend == "local":
+            _cancel_local(st, settings, job_id)
+            return
         require_kubernetes(settings, "ascend jobs cancel")
         deleted = run(delete_job(settings, job_id))
     except AscendError as exc:
@@ -473,6 +544,21 @@ def cancel(ctx: typer.Context, job_id: str) -> None:
             f"{settings.user}: it has finished and been cleaned up, or is not yours."
         )
     emit_object(st, {"job_id": job_id, "cancelled": True})
+
+
+def _cancel_local(st: Any, settings: _config.Settings, job_id: str) -> None:
+    from ascend.backends import _local_records
+
+    root = JobPaths.of(settings.user_prefix, job_id).root
+    stopped = _local_records.stop(root, job_id)
+    if not stopped:
+        raise fail(
+            f"job {job_id!r} has no running runner on this machine under "
+            f"{settings.user_prefix}/jobs: it has finished or was cancelled (ascend jobs "
+            f"status {job_id}), or it runs on another machine or with other --storage, "
+            "--project or --user settings."
+        )
+    emit_object(st, {"job_id": job_id, "cancelled": True, "units": stopped})
 
 
 async def delete_job(settings: _config.Settings, job_id: str) -> bool:

@@ -248,7 +248,7 @@ def test_doctor_runs_a_tiny_call_on_the_local_backend() -> None:
 
 
 def test_commands_that_need_kubernetes_say_so() -> None:
-    done = ascend_cli("jobs", "cancel", "x-0000000000")
+    done = ascend_cli("admin", "reaper")
     assert done.exit_code == 1
     assert "--backend kubernetes" in done.stderr
 
