@@ -138,6 +138,10 @@ def test_a_call_that_ended_without_a_result_is_failed(
     assert (row["state"], row["done"], row["failed"]) == ("failed", 0, 1)
     failed = ascend_cli("jobs", "list", "--status", "failed").json
     assert [r["job_id"] for r in failed] == [fut.job_id]
+    result = ascend_cli("jobs", "result", fut.job_id)
+    assert result.exit_code == 1
+    assert "its runner ended without publishing one" in result.stderr
+    assert "still running" not in result.stderr
 
 
 @ascend.remote
