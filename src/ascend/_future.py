@@ -153,6 +153,23 @@ class LogStream:
                 return
 
 
+class _ChainedLogs(LogStream):
+    """Several calls' output lines, one call's after another's."""
+
+    def __init__(self, streams: Sequence[LogStream]) -> None:
+        super().__init__(_LogBuffer())
+        self._streams = list(streams)
+
+    def __iter__(self) -> Iterator[str]:
+        for stream in self._streams:
+            yield from stream
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        for stream in self._streams:
+            async for line in stream:
+                yield line
+
+
 class _CallCancelled(asyncio.CancelledError, concurrent.futures.CancelledError):
     """Raised for a cancelled call: caught by ``except concurrent.futures.CancelledError``
     (as ``result()`` raises) and treated as cancellation by asyncio (as ``await`` needs)."""
@@ -657,6 +674,17 @@ class MapFuture(Future[list[T]], Generic[T]):
         return get_scheduler().attach_map(
             job_id, _config.current(), return_exceptions=return_exceptions
         )
+
+    def logs(self, *, follow: bool = True) -> LogStream:
+        """Every item's output lines, item after item in input order (item 0's lines,
+        then item 1's, ...): with ``follow``, each item's lines until it ends before the
+        next item's, so a later item's lines wait for the earlier items to finish. The
+        lines carry no item number: read ``mf.futures[i].logs()`` for one item's, or
+        set ``stream_logs=True`` to see them prefixed ``[job#item]`` as they come.
+        """
+        # Asked for every item now, so none of their output is missed while the earlier
+        # items are read (see :meth:`Future.logs`).
+        return _ChainedLogs([fut.logs(follow=follow) for fut in self._futures])
 
     @property
     def futures(self) -> list[Future[T]]:
