@@ -243,6 +243,7 @@ class Future(concurrent.futures.Future[T]):
     # this object waits for its done-callback instead of polling.
     _asyncio_future_blocking = False
     _cancel_message: Any = None  # read by asyncio.gather for a cancelled child
+    _cancel_reason: str | None = None  # said by result() of a cancelled call
 
     def __init__(self, job_id: str, name: str) -> None:
         super().__init__()
@@ -309,6 +310,16 @@ class Future(concurrent.futures.Future[T]):
             self._control.cancel(self._index)
         return True
 
+    def _cancel_for(self, reason: str) -> bool:
+        """Cancel, saying why (the message a later ``result()`` raises)."""
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        return self.cancel()
+
+    def _cancelled_error(self) -> _CallCancelled:
+        why = self._cancel_reason or "by fut.cancel() (or Ctrl-C while waiting for it)"
+        return _CallCancelled(f"{self._name} (job {self._job_id}) was cancelled {why}.")
+
     def result(self, timeout: float | None = None) -> T:
         """Wait up to ``timeout`` seconds (None: for ever) and return the value.
 
@@ -316,14 +327,14 @@ class Future(concurrent.futures.Future[T]):
         """
         self._wait(timeout, "fut.result()")
         if self.cancelled():
-            raise _CallCancelled()
+            raise self._cancelled_error()
         return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait for the call and return its exception, or None if it succeeded."""
         self._wait(timeout, "fut.exception()")
         if self.cancelled():
-            raise _CallCancelled()
+            raise self._cancelled_error()
         return super().exception(0)
 
     def _wait(self, timeout: float | None, what: str) -> None:
@@ -569,7 +580,7 @@ class _Aggregate:
     # -- JobControl of the parent ----------------------------------------------------
 
     def cancel(self, item: int) -> None:
-        self._cancel_children()
+        self._cancel_children("because the map or gather it belongs to was cancelled")
 
     def request_output(self, item: int) -> None:
         pass
@@ -577,9 +588,12 @@ class _Aggregate:
     def stored_output(self, item: int) -> list[str] | None:
         return None
 
-    def _cancel_children(self) -> None:
+    def _cancel_children(self, reason: str) -> None:
         for child in self._children:
-            child.cancel()
+            if isinstance(child, Future):
+                child._cancel_for(reason)
+            else:
+                child.cancel()
 
     def _child_done(self, child: concurrent.futures.Future[Any]) -> None:
         if self._on_child_done is not None:
@@ -590,7 +604,11 @@ class _Aggregate:
             error = child.exception()
             if error is not None:
                 if self._parent._fail(error) and self._cancel_rest:
-                    self._cancel_children()
+                    index = self._children.index(child)
+                    self._cancel_children(
+                        f"because item {index} of its map failed first "
+                        f"({type(error).__name__}) and return_exceptions is False"
+                    )
                 return
         with self._lock:
             self._remaining -= 1

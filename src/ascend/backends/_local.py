@@ -137,14 +137,9 @@ class LocalBackend:
                     observer.failed(unit.items, error)
                     return
                 await _record(u, state="pending")
-                log.warning(
-                    "retrying",
-                    job=job.job_id,
-                    unit=unit.index,
-                    attempt=attempt + 1,
-                    of=attempts,
-                    error=str(error),
-                )
+                items = f" (items {unit.items.start}-{unit.items.stop - 1})" if job.is_map else ""
+                # The error names the call: a sentence, not key=value pairs.
+                log.warning(f"attempt {attempt + 1} of {attempts} failed{items}; retrying. {error}")
 
     async def _attempt(self, u: _Unit, attempt: int) -> AscendError | None:
         """One runner process; returns why it failed, or None when results are published."""
@@ -189,13 +184,15 @@ class LocalBackend:
         finally:
             if detach_log:
                 sink.close()
-        await _record(
-            u,
-            state="running",
-            pid=process.pid,
-            token=await anyio.to_thread.run_sync(_local_records.process_token, process.pid),
-            attempt=attempt,
-        )
+        # Shielded as the spawn is: a cancel is delivered inside the try that stops it.
+        with anyio.CancelScope(shield=True):
+            await _record(
+                u,
+                state="running",
+                pid=process.pid,
+                token=await anyio.to_thread.run_sync(_local_records.process_token, process.pid),
+                attempt=attempt,
+            )
         u.spawned.one(unit.index)
         observer.started(unit.items)
         output = _Output(unit.items.start, observer, deque(maxlen=_TAIL_LINES))
