@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,14 @@ def _summary(
     return "cancelled", done, failed
 
 
+@functools.cache
+def _default_resources() -> dict[str, Any]:
+    """What every job has unless asked otherwise: not worth a column."""
+    from ascend._resources import Resources
+
+    return dict(Resources.build().to_json())
+
+
 def _row(
     job_id: str,
     meta: dict[str, Any] | None,
@@ -278,7 +287,10 @@ def _row(
             finished = finished or parse_time(cond.get("lastTransitionTime"))
     started = parse_time(status.get("startTime")) or created
     state_, done, failed = _summary(kind, items, meta, job, statuses)
-    resources = {k: v for k, v in (meta.get("resources") or {}).items() if v} or None
+    defaults = _default_resources()
+    resources = {
+        k: v for k, v in (meta.get("resources") or {}).items() if v and v != defaults.get(k)
+    } or None
     age = (now() - created).total_seconds() if created else None
     duration = None
     if started and (finished or state_ == "running"):
@@ -286,7 +298,7 @@ def _row(
     return {
         "job_id": job_id,
         "function": meta.get("function") or annotations.get("ascend.dev/function"),
-        "kind": f"map {items} items" if kind == "map" else "call",
+        "kind": kind,
         "items": items,
         "state": state_,
         "done": done,
