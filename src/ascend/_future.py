@@ -433,10 +433,11 @@ class Future(concurrent.futures.Future[T]):
     def attach(cls, job_id: str) -> Future[Any]:
         """A future for a call submitted earlier — by this process or another one.
 
-        Reads the job's ``meta.json`` from storage first (a short blocking read, up to
-        60 s), so a wrong id fails here, not at ``result()``. Then it resolves from the
-        cluster and storage: a running Kubernetes Job is followed (its output streams
-        again), a finished one yields its published result. Uses the current settings
+        Reads the job's ``meta.json`` and its published result from storage first (a
+        short blocking read, up to 60 s each), so a wrong id fails here, not at
+        ``result()``, and a finished call's future is done when this returns. Then it
+        resolves from the cluster and storage: a running Kubernetes Job is followed (its
+        output streams again), a finished one yields its published result. Uses the current settings
         (storage, project, user, namespace) to find the job.
 
         Raises:
@@ -675,11 +676,11 @@ class MapFuture(Future[list[T]], Generic[T]):
     def attach(cls, job_id: str, *, return_exceptions: bool = False) -> MapFuture[Any]:
         """A map future for a map submitted earlier — by this process or another one.
 
-        Reads the map's ``meta.json`` from storage (a short blocking read, up to 60 s),
-        then follows its Indexed Job: items already finished resolve from their
-        published results, the others as they finish. Uses the current settings to find
-        the job. Raises as :meth:`Future.attach` does (a call's id: ``AscendError``
-        naming ``Future.attach``).
+        Reads the map's ``meta.json`` and the results its items have published (blocking,
+        up to 60 s each; those items are settled when this returns, successes before
+        failures), then follows its Indexed Job: the other items resolve as they finish.
+        Uses the current settings to find the job. Raises as :meth:`Future.attach` does
+        (a call's id: ``AscendError`` naming ``Future.attach``).
 
         Example::
 

@@ -87,6 +87,9 @@ class _JobRun:
         self._tg: anyio.abc.TaskGroup | None = None
         self._storage: Storage | None = None
         self.stopped = threading.Event()
+        # Set once an attached job's published results have settled its futures (or it
+        # stopped): attach() returns then, so a finished job's futures are done at once.
+        self.settled = threading.Event()
         # Set once the remote work exists without this process (see ``submitted()``);
         # only a detached job is waited for at exit (an Event per call costs memory).
         self.durable = threading.Event() if job.settings.detach else None
@@ -186,6 +189,7 @@ class _JobRun:
                 fut._close_log()
             self._scheduler._runs.discard(self)
             self.submitted()
+            self.settled.set()
             self.stopped.set()
 
     def _fail_unsettled(self) -> None:
@@ -217,6 +221,7 @@ class _JobRun:
             # Published results settle first, all of them, before anything is followed:
             # a stored result always wins over "the first failure cancels the rest".
             await self._collect(await self._published(storage))
+            self.settled.set()
             if attach is not None:
                 await attach(job, self)
             else:
@@ -635,7 +640,9 @@ class Scheduler:
         job = self._attached_job(job_id, settings, is_map=False, units=(WorkUnit(0, range(1)),))
         meta = self._read_meta(job, "Future.attach()")
         fut: Future[Any] = Future(job_id, str(meta["function"]))
-        self._start(_JobRun(self, Submission(job, settings.backend, [fut]), attached=meta))
+        run = _JobRun(self, Submission(job, settings.backend, [fut]), attached=meta)
+        self._start(run)
+        run.settled.wait(_OUTPUT_READ_TIMEOUT)  # its published result, if any, is read
         return fut
 
     def attach_map(
@@ -650,8 +657,11 @@ class Scheduler:
             Future(job_id, f"{name}[{i}]") for i in range(int(meta["items"]))
         ]
         job = dataclasses.replace(probe, name=name, units=units)
-        self._start(_JobRun(self, Submission(job, settings.backend, futures), attached=meta))
-        return MapFuture(job_id, name, futures, return_exceptions=return_exceptions)
+        mf = MapFuture(job_id, name, futures, return_exceptions=return_exceptions)
+        run = _JobRun(self, Submission(job, settings.backend, futures), attached=meta)
+        self._start(run)
+        run.settled.wait(_OUTPUT_READ_TIMEOUT)  # the published results are read
+        return mf
 
     def _read_meta(self, job: Job, what: str) -> dict[str, Any]:
         assert self._loop is not None

@@ -127,6 +127,18 @@ def test_attaching_a_finished_map_with_a_failed_item_keeps_every_stored_result(
         assert not any(f.cancelled() for f in attached.futures)
 
 
+def test_an_attached_finished_job_is_done_when_attach_returns(backend: str) -> None:
+    call = _square(3)
+    assert call.result(timeout=_WAIT) == 9
+    attached = ascend.Future.attach(call.job_id)
+    assert attached.done() and "state=finished" in repr(attached)
+    mapped = _third_raises.map([0, 1, 2], return_exceptions=True)
+    list(mapped)
+    attached_map = ascend.MapFuture.attach(mapped.job_id, return_exceptions=True)
+    assert attached_map.done()
+    assert "done=3/3 failed=1 state=finished" in repr(attached_map)
+
+
 @ascend.remote
 def _chatty(x: int) -> int:
     print(f"chatty says {x}", flush=True)

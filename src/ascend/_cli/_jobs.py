@@ -505,6 +505,9 @@ def logs(
         settings, storage, row = _one(ctx, job_id)
         paths = JobPaths.of(settings.user_prefix, job_id)
         live = row["state"] in ("pending", "running")
+        if follow and live and settings.backend == "local":
+            _follow_local(ctx, storage, paths, job_id)
+            return
         if follow and live:
             if row["kind"] == "call":
                 printed = 0
@@ -532,6 +535,24 @@ def logs(
         return
     for line in lines:
         sys.stdout.write(line + "\n")
+
+
+def _follow_local(ctx: typer.Context, storage: Storage, paths: JobPaths, job_id: str) -> None:
+    """Print a local job's stored output as it grows, until its runners are gone (the
+    local backend cannot follow a job another process started through a future)."""
+    import time
+
+    printed = 0
+    while True:
+        _, _, row = _one(ctx, job_id)  # the state first: no line written before it is missed
+        lines = run(_stored_logs(storage, paths))
+        for line in lines[printed:]:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        printed = max(printed, len(lines))
+        if row["state"] not in ("pending", "running"):
+            return
+        time.sleep(0.5)
 
 
 @app.command()

@@ -191,3 +191,16 @@ def test_gc_removes_an_old_call_without_a_result_once_nothing_runs_it(tmp_path: 
     finally:
         release.touch()
     assert running.result(timeout=60) == "released"
+
+
+def test_logs_follow_prints_a_detached_local_calls_output_until_it_ends(tmp_path: Path) -> None:
+    import threading
+
+    release = tmp_path / "release"
+    job_id = _submit_detached(tmp_path, release)
+    threading.Timer(1.5, release.touch).start()
+    done = ascend_cli("jobs", "logs", "-f", job_id, output_json=False)
+    assert done.exit_code == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) > 3 and set(lines) == {"waiting"}
+    assert _state(job_id) == "succeeded"
