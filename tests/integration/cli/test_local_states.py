@@ -204,3 +204,10 @@ def test_logs_follow_prints_a_detached_local_calls_output_until_it_ends(tmp_path
     lines = done.stdout.splitlines()
     assert len(lines) > 3 and set(lines) == {"waiting"}
     assert _state(job_id) == "succeeded"
+
+
+def test_an_unknown_local_job_is_reported_without_kubernetes_words() -> None:
+    done = ascend_cli("jobs", "status", "nope-0000000123")
+    assert done.exit_code == 1
+    assert "no job 'nope-0000000123': no folder under" in done.stderr
+    assert "namespace" not in done.stderr
