@@ -326,7 +326,12 @@ def _coerce(name: str, raw: str, source: str) -> Any:
                 return False
             if lowered in ("", "auto", "none") and "None" in str(kind):
                 return None
-            raise ValueError("expected true or false")
+            accepted = "1/0, true/false, yes/no or on/off"
+            if "None" in str(kind):
+                accepted += ", or auto (empty, none) for the default"
+            if name == "stream_logs":
+                accepted += ", or failed"
+            raise ValueError(f"expected {accepted}")
         if kind == "int":
             return int(raw)
         if kind == "float":

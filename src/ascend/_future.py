@@ -153,6 +153,23 @@ class LogStream:
                 return
 
 
+class _ChainedLogs(LogStream):
+    """Several calls' output lines, one call's after another's."""
+
+    def __init__(self, streams: Sequence[LogStream]) -> None:
+        super().__init__(_LogBuffer())
+        self._streams = list(streams)
+
+    def __iter__(self) -> Iterator[str]:
+        for stream in self._streams:
+            yield from stream
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        for stream in self._streams:
+            async for line in stream:
+                yield line
+
+
 class _CallCancelled(asyncio.CancelledError, concurrent.futures.CancelledError):
     """Raised for a cancelled call: caught by ``except concurrent.futures.CancelledError``
     (as ``result()`` raises) and treated as cancellation by asyncio (as ``await`` needs)."""
@@ -226,6 +243,7 @@ class Future(concurrent.futures.Future[T]):
     # this object waits for its done-callback instead of polling.
     _asyncio_future_blocking = False
     _cancel_message: Any = None  # read by asyncio.gather for a cancelled child
+    _cancel_reason: str | None = None  # said by result() of a cancelled call
 
     def __init__(self, job_id: str, name: str) -> None:
         super().__init__()
@@ -292,6 +310,16 @@ class Future(concurrent.futures.Future[T]):
             self._control.cancel(self._index)
         return True
 
+    def _cancel_for(self, reason: str) -> bool:
+        """Cancel, saying why (the message a later ``result()`` raises)."""
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        return self.cancel()
+
+    def _cancelled_error(self) -> _CallCancelled:
+        why = self._cancel_reason or "by fut.cancel() (or Ctrl-C while waiting for it)"
+        return _CallCancelled(f"{self._name} (job {self._job_id}) was cancelled {why}.")
+
     def result(self, timeout: float | None = None) -> T:
         """Wait up to ``timeout`` seconds (None: for ever) and return the value.
 
@@ -299,14 +327,14 @@ class Future(concurrent.futures.Future[T]):
         """
         self._wait(timeout, "fut.result()")
         if self.cancelled():
-            raise _CallCancelled()
+            raise self._cancelled_error()
         return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait for the call and return its exception, or None if it succeeded."""
         self._wait(timeout, "fut.exception()")
         if self.cancelled():
-            raise _CallCancelled()
+            raise self._cancelled_error()
         return super().exception(0)
 
     def _wait(self, timeout: float | None, what: str) -> None:
@@ -405,10 +433,11 @@ class Future(concurrent.futures.Future[T]):
     def attach(cls, job_id: str) -> Future[Any]:
         """A future for a call submitted earlier — by this process or another one.
 
-        Reads the job's ``meta.json`` from storage first (a short blocking read, up to
-        60 s), so a wrong id fails here, not at ``result()``. Then it resolves from the
-        cluster and storage: a running Kubernetes Job is followed (its output streams
-        again), a finished one yields its published result. Uses the current settings
+        Reads the job's ``meta.json`` and its published result from storage first (a
+        short blocking read, up to 60 s each), so a wrong id fails here, not at
+        ``result()``, and a finished call's future is done when this returns. Then it
+        resolves from the cluster and storage: a running Kubernetes Job is followed (its
+        output streams again), a finished one yields its published result. Uses the current settings
         (storage, project, user, namespace) to find the job.
 
         Raises:
@@ -552,7 +581,7 @@ class _Aggregate:
     # -- JobControl of the parent ----------------------------------------------------
 
     def cancel(self, item: int) -> None:
-        self._cancel_children()
+        self._cancel_children("because the map or gather it belongs to was cancelled")
 
     def request_output(self, item: int) -> None:
         pass
@@ -560,9 +589,12 @@ class _Aggregate:
     def stored_output(self, item: int) -> list[str] | None:
         return None
 
-    def _cancel_children(self) -> None:
+    def _cancel_children(self, reason: str) -> None:
         for child in self._children:
-            child.cancel()
+            if isinstance(child, Future):
+                child._cancel_for(reason)
+            else:
+                child.cancel()
 
     def _child_done(self, child: concurrent.futures.Future[Any]) -> None:
         if self._on_child_done is not None:
@@ -573,7 +605,11 @@ class _Aggregate:
             error = child.exception()
             if error is not None:
                 if self._parent._fail(error) and self._cancel_rest:
-                    self._cancel_children()
+                    index = self._children.index(child)
+                    self._cancel_children(
+                        f"because item {index} of its map failed first "
+                        f"({type(error).__name__}) and return_exceptions is False"
+                    )
                 return
         with self._lock:
             self._remaining -= 1
@@ -640,11 +676,11 @@ class MapFuture(Future[list[T]], Generic[T]):
     def attach(cls, job_id: str, *, return_exceptions: bool = False) -> MapFuture[Any]:
         """A map future for a map submitted earlier — by this process or another one.
 
-        Reads the map's ``meta.json`` from storage (a short blocking read, up to 60 s),
-        then follows its Indexed Job: items already finished resolve from their
-        published results, the others as they finish. Uses the current settings to find
-        the job. Raises as :meth:`Future.attach` does (a call's id: ``AscendError``
-        naming ``Future.attach``).
+        Reads the map's ``meta.json`` and the results its items have published (blocking,
+        up to 60 s each; those items are settled when this returns, successes before
+        failures), then follows its Indexed Job: the other items resolve as they finish.
+        Uses the current settings to find the job. Raises as :meth:`Future.attach` does
+        (a call's id: ``AscendError`` naming ``Future.attach``).
 
         Example::
 
@@ -657,6 +693,17 @@ class MapFuture(Future[list[T]], Generic[T]):
         return get_scheduler().attach_map(
             job_id, _config.current(), return_exceptions=return_exceptions
         )
+
+    def logs(self, *, follow: bool = True) -> LogStream:
+        """Every item's output lines, item after item in input order (item 0's lines,
+        then item 1's, ...): with ``follow``, each item's lines until it ends before the
+        next item's, so a later item's lines wait for the earlier items to finish. The
+        lines carry no item number: read ``mf.futures[i].logs()`` for one item's, or
+        set ``stream_logs=True`` to see them prefixed ``[job#item]`` as they come.
+        """
+        # Asked for every item now, so none of their output is missed while the earlier
+        # items are read (see :meth:`Future.logs`).
+        return _ChainedLogs([fut.logs(follow=follow) for fut in self._futures])
 
     @property
     def futures(self) -> list[Future[T]]:

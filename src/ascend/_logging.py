@@ -8,11 +8,20 @@ only warnings and errors are shown).
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
 _stdlib = logging.getLogger("ascend")
+
+
+def _render(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
+    """``what happened (key=value, ...)``: a sentence a person reads, then its details."""
+    message = str(event.pop("event", ""))
+    details = ", ".join(f"{key}={value!r}" for key, value in event.items())
+    return f"{message} ({details})" if details else message
+
 
 logger: Any = structlog.wrap_logger(
     _stdlib,
@@ -20,6 +29,6 @@ logger: Any = structlog.wrap_logger(
     processors=[
         structlog.stdlib.filter_by_level,
         structlog.processors.format_exc_info,
-        structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
+        _render,
     ],
 )

@@ -50,6 +50,20 @@ def _callable_name(fn: Any) -> str:
     return type(fn).__qualname__
 
 
+def _refuse_remote(fn: Any) -> None:
+    """A remote function made remote again would call itself from inside its runner: a
+    nested call whose Future cannot be sent back. Say so when decorating."""
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    if isinstance(inner, RemoteFunction):
+        raise TypeError(
+            f"@ascend.remote cannot wrap {_callable_name(fn)}: it is already remote (an "
+            "ascend.RemoteFunction), so each call would start a second, nested call from "
+            "inside its runner. Fix: apply @ascend.remote once; to change its resources use "
+            f"{_callable_name(fn)}.options(...), and to run it here call its original "
+            "function (its __wrapped__)."
+        )
+
+
 def _refuse_generator(fn: Any) -> None:
     """A generator cannot be sent back; say so when decorating, not after the work ran."""
     call = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else fn.__call__
@@ -100,6 +114,7 @@ class RemoteFunction(Generic[P, R]):
             fn = fn.__func__
         if not callable(fn):
             raise TypeError(f"@ascend.remote needs a function, not {fn!r}.")
+        _refuse_remote(fn)
         _refuse_generator(fn)
         # A callable object's or partial's own attributes must not shadow ours (map, ...).
         plain = isinstance(fn, types.FunctionType | types.MethodType)

@@ -87,6 +87,9 @@ class _JobRun:
         self._tg: anyio.abc.TaskGroup | None = None
         self._storage: Storage | None = None
         self.stopped = threading.Event()
+        # Set once an attached job's published results have settled its futures (or it
+        # stopped): attach() returns then, so a finished job's futures are done at once.
+        self.settled = threading.Event()
         # Set once the remote work exists without this process (see ``submitted()``);
         # only a detached job is waited for at exit (an Event per call costs memory).
         self.durable = threading.Event() if job.settings.detach else None
@@ -186,6 +189,7 @@ class _JobRun:
                 fut._close_log()
             self._scheduler._runs.discard(self)
             self.submitted()
+            self.settled.set()
             self.stopped.set()
 
     def _fail_unsettled(self) -> None:
@@ -209,35 +213,85 @@ class _JobRun:
         resources = Resources.build(**{k: v for k, v in given.items() if k in known})
         self.job = job = dataclasses.replace(job, name=meta["function"], resources=resources)
         backend = self._scheduler.backend(job.settings, meta["backend"])
+        attach = getattr(backend, "attach", None)
+        if attach is None:
+            self._local_output_copies()
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            attach = getattr(backend, "attach", None)
+            # Published results settle first, all of them, before anything is followed:
+            # a stored result always wins over "the first failure cancels the rest".
+            await self._collect(await self._published(storage))
+            self.settled.set()
             if attach is not None:
                 await attach(job, self)
             else:
-                # Without a cluster to ask, storage tells what has finished.
-                done = [
-                    i
-                    for i in range(job.n_items)
-                    if await storage.exists(
-                        job.paths.item_result(i) if job.is_map else job.paths.result
-                    )
-                ]
-                for i in done:
-                    self.finished(range(i, i + 1))
-                if len(done) < job.n_items:
-                    self.failed(
-                        range(job.n_items),
-                        AscendError(
-                            f"{job.name} (job {job.job_id}) has no result: it is still running "
-                            f"in the process that started it (the {meta['backend']} backend "
-                            "cannot follow a job started by another process), or that process "
-                            "cancelled it or ended before it finished. Fix: attach again once "
-                            "it has finished, or use the kubernetes backend to follow jobs from "
-                            "any process."
-                        ),
-                    )
+                # Without a cluster to ask, the runner records say why the rest is missing.
+                await self._fail_unpublished(meta["backend"])
         self._fail_unsettled()
+
+    async def _published(self, storage: Storage) -> list[int]:
+        """The items that have published a result."""
+        job = self.job
+        if not job.is_map:
+            return [0] if await storage.exists(job.paths.result) else []
+        names = await storage.list(job.paths.results)
+        return sorted(
+            int(stem)
+            for name in names
+            if name.endswith(".pkl") and (stem := name.removesuffix(".pkl")).isdigit()
+        )
+
+    def _local_output_copies(self) -> None:
+        """A detached local runner's output file is the stored copy of its items' output
+        (on a ``file://`` store, where the job's folder is)."""
+        job = self.job
+        if job.paths.root.startswith("file://"):
+            for unit in job.units:
+                self.output_copies(unit.items, [f"{job.paths.root}/output-{unit.index}.log"])
+
+    async def _fail_unpublished(self, backend: str) -> None:
+        from ascend.backends import _local_records
+
+        job = self.job
+        records = await anyio.to_thread.run_sync(_local_records.read, job.paths.root, job.job_id)
+        states = {
+            unit: await anyio.to_thread.run_sync(_local_records.unit_state, record)
+            for unit, record in records.items()
+        }
+        where = f"{job.name} (job {job.job_id})"
+        for unit in job.units:
+            state = states.get(unit.index)
+            error: AscendError
+            if state == "live":
+                error = AscendError(
+                    f"{where} has no result yet: it is still running, started by another "
+                    f"process (the {backend} backend follows only jobs that have finished). "
+                    "Fix: attach again once it has finished (ascend jobs status "
+                    f"{job.job_id}), or use the kubernetes backend to follow jobs from any "
+                    "process."
+                )
+            elif state == "ended":
+                error = ResultMissing(
+                    f"{where} has no result: its runner ended without publishing one (it ran "
+                    "past its timeout, crashed, exited itself or was killed); the process "
+                    "that started it had that error. Fix: read its output (ascend jobs logs "
+                    f"{job.job_id}) and call again."
+                )
+            elif state == "cancelled":
+                error = AscendError(
+                    f"{where} has no result: it was cancelled (by fut.cancel(), ascend jobs "
+                    "cancel, or the exit of the process that started it, when not detached). "
+                    "Fix: call again."
+                )
+            else:
+                error = AscendError(
+                    f"{where} has no result: it is still running in the process that started "
+                    f"it (the {backend} backend cannot follow a job started by another "
+                    "process), or that process cancelled it or ended before it finished. Fix: "
+                    "attach again once it has finished, or use the kubernetes backend to "
+                    "follow jobs from any process."
+                )
+            self.failed(unit.items, error)
 
     async def _upload(self, storage: Storage) -> None:
         job = self.job
@@ -414,26 +468,33 @@ class _JobRun:
 
     # -- results -----------------------------------------------------------------------
 
-    async def _collect(self, items: range) -> None:
+    async def _collect(self, items: Sequence[int]) -> None:
+        """Read the items' results, then settle them: every success before any failure, so
+        that a failure read first never cancels an item whose result is already here."""
+        read: dict[int, tuple[str, Any]] = {}
+
+        async def one(index: int) -> None:
+            read[index] = await self._read_result(index)
+
         async with anyio.create_task_group() as tg:
             for i in items:
                 if not self._futures[i].done():
-                    tg.start_soon(self._collect_one, i)
+                    tg.start_soon(one, i)
+        for index in sorted(read, key=lambda i: (read[i][0] != "ok", i)):
+            await self._settle(index, *read[index])
 
-    async def _collect_one(self, index: int) -> None:
-        job, fut = self.job, self._futures[index]
+    async def _read_result(self, index: int) -> tuple[str, Any]:
+        """``("ok", value)``, ``("error", payload)`` or ``("fail", AscendError)``."""
+        job = self.job
         assert self._storage is not None
         url = job.paths.item_result(index) if job.is_map else job.paths.result
-        where = f"{job.name} (job {job.job_id}{f', item {index}' if job.is_map else ''})"
-        if job.settings.stream_logs is True:
-            # The call's output is on the terminal before its outcome.
-            await console.printed(self._printed.get(index, 0))
+        where = self._where(index)
         try:
             data = await self._storage.read(url)
             status, payload = _serialization.decode(data, f"the result of {where}", job.signing_key)
         except FileNotFoundError:
-            self._fail(
-                index,
+            return (
+                "fail",
                 ResultMissing(
                     f"{where} ended without publishing a result at {url}: the function "
                     "ended its process itself (os._exit() or a signal to itself), or its "
@@ -443,16 +504,29 @@ class _JobRun:
                     "client's.)"
                 ),
             )
-            return
         except AscendError as exc:
-            self._fail(index, exc)
-            return
-        if status == "ok":
+            return ("fail", exc)
+        return (status, payload)
+
+    def _where(self, index: int) -> str:
+        job = self.job
+        return f"{job.name} (job {job.job_id}{f', item {index}' if job.is_map else ''})"
+
+    async def _settle(self, index: int, status: str, payload: Any) -> None:
+        fut = self._futures[index]
+        if self.job.settings.stream_logs is True:
+            # The call's output is on the terminal before its outcome.
+            await console.printed(self._printed.get(index, 0))
+        if status == "fail":
+            self._fail(index, payload)
+        elif status == "ok":
             fut._resolve(payload)
-        elif self._print_failed and index in self._stored_unread:
-            await self._fail_with_output(index, _serialization.rebuild_exception(payload, where))
         else:
-            await self._fail_when_printed(index, _serialization.rebuild_exception(payload, where))
+            error = _serialization.rebuild_exception(payload, self._where(index))
+            if self._print_failed and index in self._stored_unread:
+                await self._fail_with_output(index, error)
+            else:
+                await self._fail_when_printed(index, error)
 
 
 _META_KEYS = {"function": str, "kind": str, "items": int, "units": list, "backend": str}
@@ -566,7 +640,9 @@ class Scheduler:
         job = self._attached_job(job_id, settings, is_map=False, units=(WorkUnit(0, range(1)),))
         meta = self._read_meta(job, "Future.attach()")
         fut: Future[Any] = Future(job_id, str(meta["function"]))
-        self._start(_JobRun(self, Submission(job, settings.backend, [fut]), attached=meta))
+        run = _JobRun(self, Submission(job, settings.backend, [fut]), attached=meta)
+        self._start(run)
+        run.settled.wait(_OUTPUT_READ_TIMEOUT)  # its published result, if any, is read
         return fut
 
     def attach_map(
@@ -581,8 +657,11 @@ class Scheduler:
             Future(job_id, f"{name}[{i}]") for i in range(int(meta["items"]))
         ]
         job = dataclasses.replace(probe, name=name, units=units)
-        self._start(_JobRun(self, Submission(job, settings.backend, futures), attached=meta))
-        return MapFuture(job_id, name, futures, return_exceptions=return_exceptions)
+        mf = MapFuture(job_id, name, futures, return_exceptions=return_exceptions)
+        run = _JobRun(self, Submission(job, settings.backend, futures), attached=meta)
+        self._start(run)
+        run.settled.wait(_OUTPUT_READ_TIMEOUT)  # the published results are read
+        return mf
 
     def _read_meta(self, job: Job, what: str) -> dict[str, Any]:
         assert self._loop is not None

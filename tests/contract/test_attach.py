@@ -105,3 +105,51 @@ def test_attaching_a_job_whose_meta_json_is_unreadable_raises_at_the_attach(
     _write_meta("broken-0000000000", data)
     with pytest.raises(ascend.AscendError, match=f"cannot be read.*{why}.*Fix:"):
         attach("broken-0000000000")
+
+
+@ascend.remote
+def _third_raises(x: int) -> int:
+    if x == 2:
+        raise ValueError("item 2")
+    return x * 10
+
+
+def test_attaching_a_finished_map_with_a_failed_item_keeps_every_stored_result(
+    backend: str,
+) -> None:
+    mapped = _third_raises.map([0, 1, 2], return_exceptions=True)
+    assert [type(r).__name__ for r in mapped] == ["int", "int", "ValueError"]
+    for _ in range(5):  # the order results were read in once decided the outcome
+        attached = ascend.MapFuture.attach(mapped.job_id)
+        with pytest.raises(ValueError, match="item 2"):
+            attached.result(timeout=_WAIT)
+        assert [f.result(timeout=_WAIT) for f in attached.futures[:2]] == [0, 10]
+        assert not any(f.cancelled() for f in attached.futures)
+
+
+def test_an_attached_finished_job_is_done_when_attach_returns(backend: str) -> None:
+    call = _square(3)
+    assert call.result(timeout=_WAIT) == 9
+    attached = ascend.Future.attach(call.job_id)
+    assert attached.done() and "state=finished" in repr(attached)
+    mapped = _third_raises.map([0, 1, 2], return_exceptions=True)
+    list(mapped)
+    attached_map = ascend.MapFuture.attach(mapped.job_id, return_exceptions=True)
+    assert attached_map.done()
+    assert "done=3/3 failed=1 state=finished" in repr(attached_map)
+
+
+@ascend.remote
+def _chatty(x: int) -> int:
+    print(f"chatty says {x}", flush=True)
+    return x
+
+
+def test_an_attached_finished_detached_call_has_its_output(backend: str) -> None:
+    ascend.configure(detach=True)
+    fut = _chatty(7)
+    assert fut.result(timeout=_WAIT) == 7
+    attached = ascend.Future.attach(fut.job_id)
+    assert attached.result(timeout=_WAIT) == 7
+    assert "chatty says 7" in list(attached.logs())
+    assert "chatty says 7" in list(ascend.Future.attach(fut.job_id).logs())

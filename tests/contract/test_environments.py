@@ -87,7 +87,7 @@ def test_a_function_past_its_timeout_is_stopped_with_its_timeout_counted_from_it
     fn = ascend.remote(timeout=2)(_naps)
     with pytest.raises(ascend.DeadlineExceeded) as caught:
         fn(600).result(timeout=120)
-    assert "timeout of 2 s per call (counted from the function's start)" in str(caught.value)
+    assert "timeout of 2 s per call (counted from the runner's start)" in str(caught.value)
 
 
 @pytest.fixture

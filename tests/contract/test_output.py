@@ -147,6 +147,25 @@ def test_a_map_items_logs_hold_exactly_its_own_output(backend: str, chunksize: i
 
 
 @pytest.mark.parametrize("chunksize", [1, 4])
+def test_a_maps_logs_are_its_items_output_in_input_order(backend: str, chunksize: int) -> None:
+    n = 6
+    mf = _item_output.map(range(n), chunksize=chunksize)
+    followed = list(mf.logs())  # while it runs: each item's lines until it ends
+    expected = [line for i in range(n) for line in _expected_item_output(i)]
+    assert followed == expected
+    assert mf.result(timeout=300) == list(range(n))
+    assert list(mf.logs()) == expected
+
+
+@pytest.mark.anyio
+async def test_a_maps_logs_iterate_asynchronously_in_input_order(backend: str) -> None:
+    mf = _item_output.map(range(3))
+    assert await mf == [0, 1, 2]
+    lines = [line async for line in mf.logs()]
+    assert lines == [line for i in range(3) for line in _expected_item_output(i)]
+
+
+@pytest.mark.parametrize("chunksize", [1, 4])
 def test_a_map_items_stored_output_holds_exactly_its_own_output(
     backend: str, chunksize: int
 ) -> None:

@@ -344,7 +344,12 @@ def test_job_folder_has_the_documented_layout(isolated_ascend: Path) -> None:
     fut.result(timeout=60)
     settings = ascend.configure()
     folder = Path(settings.user_prefix.removeprefix("file://")) / "jobs" / fut.job_id
-    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "package.pkl", "result.pkl"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "meta.json",
+        "package.pkl",
+        "result.pkl",
+        "runner-0.json",
+    ]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["function"].endswith("add") and meta["kind"] == "call"
     assert meta["client"]["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -377,3 +382,53 @@ def test_attach_returns_the_published_result_of_an_earlier_call() -> None:
     assert again.result(timeout=60) == 42
     with pytest.raises(ascend.AscendError, match="no job 'add-nope'"):
         ascend.Future.attach("add-nope").result(timeout=60)
+
+
+def test_a_retry_is_announced_in_a_sentence_naming_the_call_and_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "crashed-once"
+
+    @ascend.remote(retries=1)
+    def crash_once(path: str) -> str:
+        if not os.path.exists(path):
+            open(path, "w").close()
+            os._exit(3)
+        return "second attempt"
+
+    caplog.set_level("WARNING", logger="ascend")
+    fut = crash_once(str(marker))
+    assert fut.result(timeout=60) == "second attempt"
+    [message] = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert message.startswith("attempt 1 of 2 failed; retrying. ")
+    assert f"(job {fut.job_id}) failed with exit code 3" in message
+    assert "event=" not in message
+
+
+def test_a_cancelled_calls_error_says_which_call_and_why(tmp_path: Path) -> None:
+    @ascend.remote
+    def wait_for(path: str) -> None:
+        while not os.path.exists(path):
+            time.sleep(0.05)
+
+    fut = wait_for(str(tmp_path / "never"))
+    fut.cancel()
+    with pytest.raises(concurrent.futures.CancelledError) as info:
+        fut.result(timeout=60)
+    assert str(info.value).endswith(
+        f"wait_for (job {fut.job_id}) was cancelled by fut.cancel() (or Ctrl-C while waiting "
+        "for it)."
+    )
+
+    @ascend.remote
+    def fails_first(x: int) -> None:
+        if x == 0:
+            raise KeyError(x)
+        time.sleep(30)
+
+    mf = fails_first.map([0, 1], chunksize=1)
+    with pytest.raises(KeyError):
+        mf.result(timeout=60)
+    with pytest.raises(concurrent.futures.CancelledError) as item:
+        mf.futures[1].result(timeout=60)
+    assert "because item 0 of its map failed first (KeyError)" in str(item.value)

@@ -88,3 +88,9 @@ def test_invalid_toml_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ascend.ConfigError, match="pyproject.toml is not valid TOML"):
         _config.resolve({})
+
+
+def test_a_bad_boolean_names_every_accepted_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASCEND_DETACH", "maybe")
+    with pytest.raises(ascend.ConfigError, match=r"expected 1/0, true/false, yes/no or on/off"):
+        _config.resolve({})

@@ -71,3 +71,13 @@ def test_the_deadline_message_names_the_timeout_and_the_fix() -> None:
     assert isinstance(error, ascend.DeadlineExceeded) and not isinstance(error, TimeoutError)
     assert str(error).startswith(f"{WHERE} ran past its timeout of 2.5 s per call")
     assert "Fix: raise timeout=" in str(error)
+
+
+@pytest.mark.parametrize("code", [3, -signal.SIGKILL, protocol.ExitCode.TERMINATED])
+def test_a_crash_that_printed_nothing_says_so_instead_of_an_empty_last_output(code: int) -> None:
+    error = _diagnosis.exit_error(WHERE, code)
+    assert error is not None
+    assert "Last output" not in str(error)
+    assert str(error).endswith("It printed nothing.")
+    with_output = _diagnosis.exit_error(WHERE, code, logs="boom")
+    assert str(with_output).endswith("Last output:\nboom")

@@ -381,7 +381,7 @@ def test_a_runner_that_stopped_its_function_at_timeout_is_deadline_exceeded_from
     pod, logs = _exited(protocol.ExitCode.DEADLINE, "the function ran past its timeout of 2 s")
     state = d.pod_state(pod, startup(900, timeout=2), logs)
     assert isinstance(state.error, ascend.DeadlineExceeded)
-    assert "timeout of 2 s per call (counted from the function's start)" in str(state.error)
+    assert "timeout of 2 s per call (counted from the runner's start)" in str(state.error)
 
 
 def test_a_bootstrap_that_gave_up_fetching_is_a_startup_timeout_naming_the_fetch() -> None:
@@ -414,7 +414,7 @@ def test_a_recorded_runner_stopped_at_its_timeout_is_deadline_exceeded() -> None
         d.job_state(rec.job()).condition, last, startup(900, timeout=2), logs
     )
     assert isinstance(error, ascend.DeadlineExceeded)
-    assert "counted from the function's start" in str(error)
+    assert "counted from the runner's start" in str(error)
 
 
 def test_a_recorded_pod_that_never_started_is_past_its_startup_deadline() -> None:

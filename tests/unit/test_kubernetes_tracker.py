@@ -175,7 +175,7 @@ async def test_a_raised_exception_is_reported_finished_for_the_result_to_say_it(
         ("exit_code", {}, ascend.WorkerFailed, "exit code 3"),
         ("oom_killed", {"memory": "150Mi"}, ascend.OOMKilled, "150Mi"),
         ("deadline", {"timeout": 2}, ascend.DeadlineExceeded, "timeout of 2 s"),
-        ("run_timeout", {"timeout": 2}, ascend.DeadlineExceeded, "from the function's start"),
+        ("run_timeout", {"timeout": 2}, ascend.DeadlineExceeded, "from the runner's start"),
         ("image_pull", {}, ascend.ImagePullError, "registry.invalid/none:1"),
         ("config_error", {}, ascend.WorkerFailed, "no-such-secret"),
         ("unschedulable", {"cpu": 64}, ascend.Unschedulable, "Insufficient cpu"),

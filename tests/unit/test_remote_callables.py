@@ -105,3 +105,24 @@ def test_a_remote_partial_or_object_in_a_class_body_does_not_bind_like_python() 
     holder = Holder()
     assert holder.plus_one is Holder.plus_one, "a partial is not a descriptor"
     assert holder.method.__wrapped__.__self__ is holder, "a function binds its instance"
+
+
+def _plus_one(a: int) -> int:
+    return a + 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda f: f,
+        lambda f: f.options(timeout=5),
+        lambda f: functools.partial(f, 1),
+    ],
+    ids=["remote", "options", "partial"],
+)
+def test_a_remote_function_made_remote_again_is_refused_when_decorated(make: object) -> None:
+    already = make(ascend.remote(_plus_one))  # type: ignore[operator]
+    with pytest.raises(TypeError, match=r"already remote.*Fix: apply @ascend.remote once"):
+        ascend.remote(already)
+    with pytest.raises(TypeError, match=r"already remote"):
+        ascend.remote(cpu=1)(already)

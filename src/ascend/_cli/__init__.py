@@ -103,6 +103,13 @@ def init(
             values["storage_options"] = json.loads(storage_options)
         except ValueError as exc:
             raise typer.BadParameter(f"--storage-options is not JSON: {exc}") from None
+    if not values and not sys.stdin.isatty():
+        raise typer.BadParameter(
+            "nothing to write: no setting was given and stdin is not a terminal to ask for "
+            "them. Fix: pass them as flags, e.g. ascend --backend local --storage "
+            "file:///data/ascend init (also --namespace, --project, --user, "
+            "--storage-secret, --image, --storage-options)."
+        )
     if sys.stdin.isatty():
         values.setdefault("backend", typer.prompt("backend", default="kubernetes"))
         values.setdefault("storage", typer.prompt("storage URL (e.g. s3://bucket/ascend)"))

@@ -112,6 +112,11 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+# Columns a reader copies whole into the next command, and columns of prose.
+_WHOLE = frozenset({"job_id", "lease", "key"})
+_PROSE = frozenset({"detail", "fix", "reason", "resources", "requirements", "function"})
+
+
 def emit(st: State, rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str) -> None:
     """A listing: a JSON array with ``--output json``, else a table."""
     if st.json:
@@ -124,8 +129,15 @@ def emit(st: State, rows: Sequence[dict[str, Any]], columns: Sequence[str], titl
     )
     table = Table(title=title)
     for column in columns:
-        whole = column in ("job_id", "name", "lease")
-        table.add_column(column, no_wrap=whole, overflow="fold" if whole else "ellipsis")
+        longest = max((len(_cell(row.get(column))) for row in rows), default=0)
+        if column in _WHOLE:
+            table.add_column(column, no_wrap=True, overflow="fold")
+        elif column == "name":  # a path or a URL: folded over lines, never cut
+            table.add_column(column, overflow="fold", min_width=min(longest, 24))
+        elif column in _PROSE:  # wraps, but never shrinks to nothing
+            table.add_column(column, overflow="fold", min_width=min(longest, 16))
+        else:  # short values (states, counts, sizes, ages): never cut
+            table.add_column(column, no_wrap=True, min_width=max(len(column), longest))
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     console.print(table)

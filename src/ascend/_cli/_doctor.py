@@ -187,6 +187,16 @@ async def check_nodes(settings: _config.Settings, gpu: int, node_type: str | Non
     )
 
 
+def _remove_job_folder(settings: _config.Settings, job_id: str) -> None:
+    """The probe call succeeded: its job folder is of no use to anyone (a failed one's is
+    kept, for ``ascend jobs logs``)."""
+    from ascend._scheduler import get_scheduler
+    from ascend._storage import JobPaths
+
+    storage = get_scheduler().storage(settings)
+    run(storage.delete(JobPaths.of(settings.user_prefix, job_id).root, recursive=True))
+
+
 def _version_job(settings: _config.Settings, timeout: float) -> Check:
     """Run one tiny call: the runner refuses a package from another Python/cloudpickle."""
     import ascend
@@ -200,6 +210,7 @@ def _version_job(settings: _config.Settings, timeout: float) -> Check:
     try:
         remote = ascend_doctor_probe()
         version = remote.result(timeout + 120)
+        _remove_job_folder(settings, remote.job_id)
     except Exception as exc:
         fix = (
             "use a runner image with this client's Python and cloudpickle (--image)"
@@ -226,7 +237,15 @@ def doctor(
     try:
         settings = st.settings()
     except AscendError as exc:
-        checks = [Check("settings", False, str(exc), "fix the setting named")]
+        checks = [
+            Check(
+                "settings",
+                False,
+                str(exc),
+                "fix the setting the detail names (its flag, ASCEND_* variable, [tool.ascend] "
+                "key or config file entry)",
+            )
+        ]
     else:
         checks = [
             Check("settings", True, f"backend {settings.backend}, storage {settings.storage}")

@@ -7,6 +7,7 @@ environment a call with the same requirements will find.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,10 @@ def _row(manifest: dict[str, Any]) -> dict[str, Any]:
         "platform": spec.get("platform", ""),
         "size": manifest.get("size"),
         "age": human_age(time.time() - float(created)) if created else "",
-        "created": created,
+        # JSON times are ISO 8601 in UTC, as in ``ascend jobs list``.
+        "created": dt.datetime.fromtimestamp(float(created), dt.UTC).isoformat()
+        if created
+        else None,
     }
 
 
@@ -135,7 +139,10 @@ def prune(
         raise guard(exc) from None
     emit(
         st,
-        [{"key": key, "removed": not dry_run} for key in removed],
-        ("key", "removed"),
+        [
+            {"key": key, "removed": not dry_run, "action": "would remove" if dry_run else "removed"}
+            for key in removed
+        ],
+        ("key", "action"),
         f"ascend env prune{' (dry run)' if dry_run else ''}",
     )

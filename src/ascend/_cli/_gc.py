@@ -81,6 +81,11 @@ async def plan(
                         {"kind": "job", "name": job_id, "bytes": 0, "reason": f"{state_} Job"}
                     )
     metas = await stored_jobs(storage, settings)
+    if settings.backend == "local":
+        from ascend._cli._jobs import local_jobs
+
+        # Liveness alone decides here (a job that still runs is kept), not outcomes.
+        jobs = await local_jobs(settings, metas, {})
     keep_blobs: set[str] = set()
     for job_id, meta in metas.items():
         created = parse_time(meta.get("created"))
@@ -90,12 +95,10 @@ async def plan(
             keep_blobs.update(meta.get("blobs") or [])
             continue
         paths = JobPaths.of(settings.user_prefix, job_id)
-        # No cluster to ask: a folder without meta.json is being written, a call without
-        # its result may still run (detached).
-        if settings.backend != "kubernetes" and (
-            created is None
-            or (meta.get("kind") == "call" and not await storage.exists(paths.result))
-        ):
+        # A folder without a readable meta.json may be being written. A job past the
+        # cutoff whose runners (and client) are gone is garbage, result or not, as a
+        # Kubernetes job's folder is once its Job has ended or gone.
+        if created is None:
             keep_blobs.update(meta.get("blobs") or [])
             continue
         root = paths.root

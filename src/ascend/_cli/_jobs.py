@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,66 @@ async def cluster_jobs(
         j["metadata"].get("labels", {}).get("ascend.dev/job-id", j["metadata"]["name"]): j
         for j in listing.get("items") or []
     }
+
+
+def _local_unit_states(settings: _config.Settings, job_ids: list[str]) -> dict[str, dict[int, str]]:
+    """Each job's units' states from their runner records (blocking: reads files and
+    asks the system about processes)."""
+    from ascend.backends import _local_records
+
+    return {
+        job_id: {
+            unit: _local_records.unit_state(record)
+            for unit, record in _local_records.read(
+                JobPaths.of(settings.user_prefix, job_id).root, job_id
+            ).items()
+        }
+        for job_id in job_ids
+    }
+
+
+def local_job(
+    meta: dict[str, Any], units_state: dict[int, str], statuses: dict[int, str]
+) -> dict[str, Any] | None:
+    """A local job's runner records as the Kubernetes Job status they stand for, so one
+    summary decides both backends' states: ``active`` while a runner (or the client
+    that starts it) lives; ``failedIndexes``: units whose runner ended without publishing
+    every item's result (crashed, killed, timed out); ``None`` without records.
+    ``units_state``: ``live``, ``ended`` or ``cancelled`` by unit."""
+    if not units_state:
+        return None
+    units = meta.get("units") or [[0, 1]]
+    active = 0
+    failed: list[int] = []
+    for unit, state_ in sorted(units_state.items()):
+        if state_ == "live":
+            active += 1
+        elif state_ == "ended":
+            start, stop = units[unit] if unit < len(units) else (0, 0)
+            if any(i not in statuses for i in range(int(start), int(stop))):
+                failed.append(unit)
+    status: dict[str, Any] = {"failedIndexes": ",".join(map(str, failed))}
+    if active:
+        status["active"] = active
+    else:
+        ended = "Failed" if failed else "Complete"
+        status["conditions"] = [{"type": ended, "status": "True"}]
+    return {"metadata": {"name": meta.get("job_id")}, "spec": {}, "status": status}
+
+
+async def local_jobs(
+    settings: _config.Settings,
+    metas: dict[str, dict[str, Any]],
+    outcomes: dict[str, dict[int, str]],
+) -> dict[str, dict[str, Any]]:
+    """The Job-like status of every local job that has runner records, by job id."""
+    states = await anyio.to_thread.run_sync(_local_unit_states, settings, list(metas))
+    jobs: dict[str, dict[str, Any]] = {}
+    for job_id, meta in metas.items():
+        job = local_job({**meta, "job_id": job_id}, states[job_id], outcomes.get(job_id, {}))
+        if job is not None:
+            jobs[job_id] = job
+    return jobs
 
 
 async def stored_jobs(storage: Storage, settings: _config.Settings) -> dict[str, dict[str, Any]]:
@@ -195,6 +256,14 @@ def _summary(
     return "cancelled", done, failed
 
 
+@functools.cache
+def _default_resources() -> dict[str, Any]:
+    """What every job has unless asked otherwise: not worth a column."""
+    from ascend._resources import Resources
+
+    return dict(Resources.build().to_json())
+
+
 def _row(
     job_id: str,
     meta: dict[str, Any] | None,
@@ -218,7 +287,10 @@ def _row(
             finished = finished or parse_time(cond.get("lastTransitionTime"))
     started = parse_time(status.get("startTime")) or created
     state_, done, failed = _summary(kind, items, meta, job, statuses)
-    resources = {k: v for k, v in (meta.get("resources") or {}).items() if v} or None
+    defaults = _default_resources()
+    resources = {
+        k: v for k, v in (meta.get("resources") or {}).items() if v and v != defaults.get(k)
+    } or None
     age = (now() - created).total_seconds() if created else None
     duration = None
     if started and (finished or state_ == "running"):
@@ -226,7 +298,7 @@ def _row(
     return {
         "job_id": job_id,
         "function": meta.get("function") or annotations.get("ascend.dev/function"),
-        "kind": f"map {items} items" if kind == "map" else "call",
+        "kind": kind,
         "items": items,
         "state": state_,
         "done": done,
@@ -261,6 +333,8 @@ async def collect(
         for job_id, meta in metas.items():
             if "function" in meta:
                 tg.start_soon(outcome, job_id)
+    if settings.backend == "local":
+        jobs = await local_jobs(settings, metas, outcomes)
     rows = [
         _row(job_id, metas.get(job_id), jobs.get(job_id), outcomes.get(job_id))
         for job_id in {*jobs, *metas}
@@ -330,16 +404,21 @@ def _one(ctx: typer.Context, job_id: str) -> tuple[_config.Settings, Storage, di
         except FileNotFoundError:
             meta = None
         if meta is None and job_id not in jobs:
+            if settings.backend == "kubernetes":
+                where = f"no Job in namespace {settings.namespace or 'default'} and no folder"
+                flags = "--storage, --project, --user and --namespace"
+            else:
+                where, flags = "no folder", "--storage, --project and --user"
             raise AscendError(
-                f"no job {job_id!r}: no Job in namespace {settings.namespace or 'default'} and "
-                f"no folder under {settings.user_prefix}/jobs. Fix: check the id (ascend jobs "
-                "list) and that --storage, --project, --user and --namespace are the ones it was "
-                "submitted with."
+                f"no job {job_id!r}: {where} under {settings.user_prefix}/jobs. Fix: check the "
+                f"id (ascend jobs list) and that {flags} are the ones it was submitted with."
             )
         outcome = None
-        job = jobs.get(job_id)
         if meta is not None and "function" in meta:
             outcome = await stored_outcome(storage, settings, {**meta, "job_id": job_id})
+            if settings.backend == "local":
+                jobs = await local_jobs(settings, {job_id: meta}, {job_id: outcome})
+        job = jobs.get(job_id)
         row = _row(job_id, meta, job, outcome)
         row["storage"] = paths.root
         row["meta"] = meta
@@ -426,6 +505,9 @@ def logs(
         settings, storage, row = _one(ctx, job_id)
         paths = JobPaths.of(settings.user_prefix, job_id)
         live = row["state"] in ("pending", "running")
+        if follow and live and settings.backend == "local":
+            _follow_local(ctx, storage, paths, job_id)
+            return
         if follow and live:
             if row["kind"] == "call":
                 printed = 0
@@ -455,14 +537,36 @@ def logs(
         sys.stdout.write(line + "\n")
 
 
+def _follow_local(ctx: typer.Context, storage: Storage, paths: JobPaths, job_id: str) -> None:
+    """Print a local job's stored output as it grows, until its runners are gone (the
+    local backend cannot follow a job another process started through a future)."""
+    import time
+
+    printed = 0
+    while True:
+        _, _, row = _one(ctx, job_id)  # the state first: no line written before it is missed
+        lines = run(_stored_logs(storage, paths))
+        for line in lines[printed:]:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        printed = max(printed, len(lines))
+        if row["state"] not in ("pending", "running"):
+            return
+        time.sleep(0.5)
+
+
 @app.command()
 @with_output
 def cancel(ctx: typer.Context, job_id: str) -> None:
-    """Stop a running job: delete its Job (and so its pods), as ``fut.cancel()`` does."""
+    """Stop a running job, as ``fut.cancel()`` does: on Kubernetes delete its Job (and so
+    its pods); on the local backend stop its runner processes on this machine."""
     st = state(ctx)
     try:
         checked_job_id(job_id)
         settings = st.settings()
+        if settings.backend == "local":
+            _cancel_local(st, settings, job_id)
+            return
         require_kubernetes(settings, "ascend jobs cancel")
         deleted = run(delete_job(settings, job_id))
     except AscendError as exc:
@@ -473,6 +577,21 @@ def cancel(ctx: typer.Context, job_id: str) -> None:
             f"{settings.user}: it has finished and been cleaned up, or is not yours."
         )
     emit_object(st, {"job_id": job_id, "cancelled": True})
+
+
+def _cancel_local(st: Any, settings: _config.Settings, job_id: str) -> None:
+    from ascend.backends import _local_records
+
+    root = JobPaths.of(settings.user_prefix, job_id).root
+    stopped = _local_records.stop(root, job_id)
+    if not stopped:
+        raise fail(
+            f"job {job_id!r} has no running runner on this machine under "
+            f"{settings.user_prefix}/jobs: it has finished or was cancelled (ascend jobs "
+            f"status {job_id}), or it runs on another machine or with other --storage, "
+            "--project or --user settings."
+        )
+    emit_object(st, {"job_id": job_id, "cancelled": True, "units": stopped})
 
 
 async def delete_job(settings: _config.Settings, job_id: str) -> bool:

@@ -44,6 +44,11 @@ def retryable(error: AscendError) -> bool:
     return not (isinstance(error, WorkerFailed) and error.exit_code in protocol.ExitCode.reserved())
 
 
+def _last_output(logs: str) -> str:
+    """The end of an error message that shows the process's last output, if it had any."""
+    return f" Last output:\n{logs}" if logs.strip() else " It printed nothing."
+
+
 def deadline_error(
     where: str, timeout: float | None, *, from_start: bool = False
 ) -> DeadlineExceeded:
@@ -53,7 +58,7 @@ def deadline_error(
     the runner's start (time spent starting is ``startup_timeout``'s, reported apart as
     :class:`StartupTimeout`)."""
     limit = f"its timeout of {timeout:g} s per call" if timeout else "its deadline"
-    counted = " (counted from the function's start)" if from_start else ""
+    counted = " (counted from the runner's start)" if from_start else ""
     return DeadlineExceeded(
         f"{where} ran past {limit}{counted} and was stopped. Fix: raise timeout=... or give "
         "it less work per call."
@@ -124,7 +129,7 @@ def exit_error(
     if code == protocol.ExitCode.TERMINATED:
         return WorkerFailed(
             f"{where}: the runner was terminated (SIGTERM: a cancel, an eviction, a deleted "
-            f"pod, or its client died) and published nothing. Last output:\n{logs}",
+            f"pod, or its client died) and published nothing.{_last_output(logs)}",
             exit_code=code,
             logs=logs,
         )
@@ -139,7 +144,7 @@ def exit_error(
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
         return WorkerFailed(
             f"{where}: the runner process was killed by {name} without publishing a result. "
-            f"Last output:\n{logs}",
+            f"{_last_output(logs).lstrip()}",
             exit_code=128 - code,
             logs=logs,
         )
@@ -147,7 +152,7 @@ def exit_error(
     if code > 128 and code - 128 in signal.valid_signals():
         how += f", signal {signal.Signals(code - 128).name}"
     return WorkerFailed(
-        f"{where} failed with {how} without publishing a result. Last output:\n{logs}",
+        f"{where} failed with {how} without publishing a result.{_last_output(logs)}",
         exit_code=code,
         logs=logs,
     )

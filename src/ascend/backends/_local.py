@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from ascend._errors import (
     WorkerFailed,
 )
 from ascend._logging import logger
-from ascend.backends import ItemOutput, Job, JobObserver, WorkUnit, _diagnosis
+from ascend.backends import ItemOutput, Job, JobObserver, WorkUnit, _diagnosis, _local_records
 from ascend_runner import _bootstrap, protocol
 from ascend_runner._storage import local_path
 
@@ -90,7 +91,14 @@ class LocalBackend:
 
             tg.start_soon(stop_when_unwanted)
             try:
+                await _record(u, state="pending")
                 await self._run_attempts(u)
+            except BaseException:
+                # A detached unit left running at exit goes on: its record stays.
+                if not (u.job.settings.detach and u.observer.wanted(u.unit.items)):
+                    with anyio.CancelScope(shield=True):
+                        await _record(u, state="cancelled")
+                raise
             finally:
                 # Also when it never started: nothing is left to wait for.
                 u.spawned.one(u.unit.index)
@@ -102,26 +110,36 @@ class LocalBackend:
             attempts = job.resources.retries + 1
             for attempt in range(attempts):
                 if not observer.wanted(unit.items):
+                    await _record(u, state="cancelled")
                     return
                 error = await self._attempt(u, attempt)
                 if error is None:
+                    await _record(u, state="exited")
                     observer.finished(unit.items)
+                    return
+                if await anyio.to_thread.run_sync(
+                    _local_records.cancelled_elsewhere, job.paths.root, job.job_id, unit.index
+                ):
+                    observer.failed(
+                        unit.items,
+                        AscendError(
+                            f"{job.name} (job {job.job_id}) was cancelled by another process "
+                            f"(ascend jobs cancel {job.job_id}): its runner was stopped."
+                        ),
+                    )
                     return
                 retryable = not isinstance(error, VersionMismatch) and not (
                     isinstance(error, WorkerFailed)
                     and error.exit_code in protocol.ExitCode.reserved()
                 )
                 if not retryable or attempt + 1 == attempts:
+                    await _record(u, state="failed", error=str(error))
                     observer.failed(unit.items, error)
                     return
-                log.warning(
-                    "retrying",
-                    job=job.job_id,
-                    unit=unit.index,
-                    attempt=attempt + 1,
-                    of=attempts,
-                    error=str(error),
-                )
+                await _record(u, state="pending")
+                items = f" (items {unit.items.start}-{unit.items.stop - 1})" if job.is_map else ""
+                # The error names the call: a sentence, not key=value pairs.
+                log.warning(f"attempt {attempt + 1} of {attempts} failed{items}; retrying. {error}")
 
     async def _attempt(self, u: _Unit, attempt: int) -> AscendError | None:
         """One runner process; returns why it failed, or None when results are published."""
@@ -166,6 +184,15 @@ class LocalBackend:
         finally:
             if detach_log:
                 sink.close()
+        # Shielded as the spawn is: a cancel is delivered inside the try that stops it.
+        with anyio.CancelScope(shield=True):
+            await _record(
+                u,
+                state="running",
+                pid=process.pid,
+                token=await anyio.to_thread.run_sync(_local_records.process_token, process.pid),
+                attempt=attempt,
+            )
         u.spawned.one(unit.index)
         observer.started(unit.items)
         output = _Output(unit.items.start, observer, deque(maxlen=_TAIL_LINES))
@@ -276,12 +303,22 @@ async def _stop(process: Process) -> None:
             return
 
 
-def _detach_log_path(job: Job, unit: WorkUnit) -> str:
-    folder = local_path(job.paths.root)
-    if folder is None:
-        import tempfile
+async def _record(u: _Unit, **fields: Any) -> None:
+    """Replace the unit's run record (see ``_local_records``)."""
+    await anyio.to_thread.run_sync(
+        functools.partial(
+            _local_records.write,
+            u.job.paths.root,
+            u.job.job_id,
+            u.unit.index,
+            detached=u.job.settings.detach,
+            **fields,
+        )
+    )
 
-        folder = os.path.join(tempfile.gettempdir(), "ascend", job.job_id)
+
+def _detach_log_path(job: Job, unit: WorkUnit) -> str:
+    folder = _local_records.folder(job.paths.root, job.job_id)
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, f"output-{unit.index}.log")
 

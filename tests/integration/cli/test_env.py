@@ -37,6 +37,7 @@ def test_env_build_makes_the_environment_a_call_then_finds(local_index: Path) ->
     assert fn().result(timeout=600) == TEST_VALUE
     listed = ascend_cli("env", "list").json
     assert [row["key"] for row in listed] == [built.json["key"]]
+    assert listed[0]["created"].endswith("+00:00")  # ISO 8601 in UTC, as in jobs list
     shown = ascend_cli("env", "show", built.json["key"][:12]).json
     assert shown["sha256"] == built.json["sha256"]
 
@@ -44,10 +45,10 @@ def test_env_build_makes_the_environment_a_call_then_finds(local_index: Path) ->
 def test_env_prune_dry_run_lists_what_prune_removes(local_index: Path) -> None:
     key = ascend_cli("env", "build", TEST_PACKAGE).json["key"]
     dry = ascend_cli("env", "prune", "--older-than", "0s", "--dry-run").json
-    assert dry == [{"key": key, "removed": False}]
+    assert dry == [{"key": key, "removed": False, "action": "would remove"}]
     assert [row["key"] for row in ascend_cli("env", "list").json] == [key]
     pruned = ascend_cli("env", "prune", "--older-than", "0s").json
-    assert pruned == [{"key": key, "removed": True}]
+    assert pruned == [{"key": key, "removed": True, "action": "removed"}]
     assert ascend_cli("env", "list").json == []
 
 

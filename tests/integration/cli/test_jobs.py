@@ -75,7 +75,7 @@ def test_list_shows_calls_and_maps_with_their_state_and_counts(on_cluster: K8sCl
     assert rows[call.job_id]["kind"] == "call"
     assert rows[call.job_id]["function"] == "greet"
     m = rows[mapped.job_id]
-    assert (m["kind"], m["state"], m["done"], m["failed"]) == ("map 4 items", "failed", 3, 1)
+    assert (m["kind"], m["items"], m["state"], m["done"], m["failed"]) == ("map", 4, "failed", 3, 1)
     assert next(iter(rows)) == mapped.job_id, "newest first"
 
     only_calls = ascend_cli("jobs", "list", "--function", "greet").json

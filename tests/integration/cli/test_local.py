@@ -57,7 +57,7 @@ def test_list_status_and_result_of_local_calls() -> None:
     assert rows[bad.job_id]["state"] == "failed"
     assert rows[mapped.job_id]["state"] == "succeeded"
     assert (rows[mapped.job_id]["done"], rows[mapped.job_id]["failed"]) == (3, 0)
-    assert rows[mapped.job_id]["kind"] == "map 3 items"
+    assert (rows[mapped.job_id]["kind"], rows[mapped.job_id]["items"]) == ("map", 3)
     failed_only = ascend_cli("jobs", "list", "--status", "failed").json
     assert [r["job_id"] for r in failed_only] == [bad.job_id]
     assert ascend_cli("jobs", "status", ok.job_id).json["function"] == "double"
@@ -215,8 +215,15 @@ def test_init_writes_the_user_config_that_later_commands_read(tmp_path: Path) ->
     }
     _config.reset()
     assert ascend.configure().storage == storage
-    again = ascend_cli("init")
+    again = ascend_cli("--backend", "local", "init")
     assert again.exit_code == 1 and "--force" in again.stderr
+
+
+def test_init_without_settings_and_without_a_terminal_is_a_usage_error() -> None:
+    done = ascend_cli("init")  # stdin is not a terminal here: nothing to ask
+    assert done.exit_code == 2
+    assert "nothing to write" in done.stderr and "--storage" in done.stderr
+    assert not _config.user_config_path().exists()
 
 
 def test_init_refuses_an_invalid_setting_and_writes_nothing() -> None:
@@ -245,10 +252,20 @@ def test_doctor_runs_a_tiny_call_on_the_local_backend() -> None:
     done = ascend_cli("doctor")
     assert done.exit_code == 0, done.stdout
     assert next(c for c in done.json if c["name"] == "runner job")["ok"] is True
+    assert ascend_cli("jobs", "list").json == []  # the probe call leaves no job behind
+
+
+def test_doctor_says_how_to_fix_a_bad_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASCEND_DETACH", "maybe")
+    done = ascend_cli("doctor", "--no-job")
+    assert done.exit_code == 1
+    settings = next(c for c in done.json if c["name"] == "settings")
+    assert "ASCEND_DETACH" in settings["detail"]
+    assert settings["fix"].startswith("fix the setting the detail names (its flag")
 
 
 def test_commands_that_need_kubernetes_say_so() -> None:
-    done = ascend_cli("jobs", "cancel", "x-0000000000")
+    done = ascend_cli("admin", "reaper")
     assert done.exit_code == 1
     assert "--backend kubernetes" in done.stderr
 
@@ -299,4 +316,5 @@ def test_init_with_project_file_appends_tool_ascend_to_pyproject(
     assert table["tool"]["ascend"] == {"project": "vision", "storage_options": {"anon": True}}
     _config.reset()
     assert ascend.configure().project == "vision"
-    assert ascend_cli("init", "--project-file").exit_code == 1, "never a second table"
+    again = ascend_cli("--project", "other", "init", "--project-file")
+    assert again.exit_code == 1, "never a second table"
