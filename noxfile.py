@@ -6,7 +6,7 @@ import nox
 
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "uv"
-nox.options.sessions = ["lint", "tests", "e2e", "nodes"]
+nox.options.sessions = ["lint", "tests", "e2e"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
@@ -44,36 +44,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def e2e(session: nox.Session) -> None:
-    """The end-to-end suite against the test cluster and the object-store emulators."""
+    """The end-to-end suite against the test cluster (real kubelets, containerd, runc,
+    images built from Debian packages: needs root) and the object-store emulators."""
     _install(session, "e2e")
     session.run("python", "-m", "tests.cluster", "build")
     _pytest(session, *E2E_SELECTION)
-
-
-# With real kubelets (containerd, runc, images built from Debian packages): what only a
-# real node shows (users, security profiles, image pulls, SIGTERM and grace periods,
-# evictions that keep their DisruptionTarget condition), GPU placement, and the contract
-# tests that need nothing shared with pods but storage.
-NODES_SELECTION = (
-    "tests/integration/kubernetes/test_real_nodes.py",
-    "tests/integration/kubernetes/test_placement.py",
-    "tests/integration/kubernetes/test_startup.py",
-    "tests/integration/test_environments_k8s.py::"
-    "test_a_kubelets_startup_probe_holds_startup_timeout_until_the_runner_starts",
-    "tests/contract/test_basics.py",
-    "tests/contract/test_failures.py",
-    "-m",
-    "k8s",
-)
-
-
-@nox.session(python=PYTHON)
-def nodes(session: nox.Session) -> None:
-    """The test cluster with real kubelets (``ASCEND_TEST_NODES=real``): needs root."""
-    _install(session, "e2e")
-    env = {"ASCEND_TEST_NODES": "real"}
-    session.run("python", "-m", "tests.cluster", "build", env=env)
-    _pytest(session, *NODES_SELECTION, env=env)
 
 
 @nox.session(python=PYTHON, default=False)

@@ -93,7 +93,7 @@ def _delete_pods(cluster: Cluster) -> None:
 
 def main() -> None:
     started = time.monotonic()
-    cluster = Cluster(real=True)
+    cluster = Cluster()
     cluster.start()
     up = time.monotonic() - started
     try:

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import ascend
+from ascend.backends._kubernetes._spec import default_image
 from benchmarks._report import write
-from tests.envindex import TEST_PACKAGE, wheel_index
+from tests.envindex import TEST_PACKAGE, repack_with_dependencies, serve, wheel_index
 
 REPEAT = 10
 
@@ -32,23 +33,24 @@ def first_line_plain() -> float:
 def main() -> None:
     from tests.cluster.cluster import Cluster
 
-    with tempfile.TemporaryDirectory() as tmp, Cluster() as cluster:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Cluster() as cluster,
+        serve(wheel_index(Path(tmp) / "wheels", with_uv=True), cluster.suite_address) as wheels,
+    ):
         os.environ["XDG_CONFIG_HOME"] = os.path.join(tmp, "config")
-        storage = Path(tmp) / "storage"
-        storage.mkdir()
-        storage.chmod(0o777)
-        wheels = wheel_index(Path(tmp) / "wheels", with_uv=True)
+        repack_with_dependencies(["s3fs"], Path(tmp) / "wheels")  # the runner's S3 extra
         ascend.configure(
             backend="kubernetes",
             kubeconfig=str(cluster.kubeconfig),
             namespace=cluster.namespace,
-            storage=storage.as_uri(),
             stream_logs=False,
             index_url="none",
-            find_links=str(wheels),
+            find_links=wheels,
+            **cluster.storage_settings(),  # S3 that pods reach
         )
         with_env = ascend.remote(requirements=[TEST_PACKAGE])(first_line_with_env)
-        plain = ascend.remote(first_line_plain)
+        plain = ascend.remote(image=default_image())(first_line_plain)
         plain().result(timeout=120)  # connect, open the watches, create the signing Secret
 
         start = time.perf_counter()

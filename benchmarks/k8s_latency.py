@@ -19,14 +19,15 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import ascend
 from ascend import _scheduler
 from ascend.backends._kubernetes import _client
+from ascend.backends._kubernetes._spec import default_image
 from benchmarks._k8s import client_api_requests, metric
 from benchmarks._report import write
+from tests.cluster.shared import Shared
 
 REPEAT = 10
 IN_FLIGHT = 200
@@ -72,9 +73,8 @@ def add(a: int, b: int) -> tuple[int, float, float]:
 
 
 @ascend.remote
-def gated(path: str) -> int:
-    while not os.path.exists(path):
-        time.sleep(0.1)
+def gated(gate: Shared) -> int:
+    gate.wait("gate", interval=0.5)  # in the store: a pod sees no host folder
     return 1
 
 
@@ -97,7 +97,7 @@ async def _bare_job(kubeconfig: str, namespace: str, name: str) -> None:
                         "containers": [
                             {
                                 "name": "c",
-                                "image": "python:3.11",
+                                "image": default_image(),  # what the calls run on
                                 "command": ["python", "-c", "import cloudpickle"],
                             }
                         ],
@@ -126,14 +126,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, Cluster() as cluster:
         os.environ["XDG_CONFIG_HOME"] = os.path.join(tmp, "config")
-        storage = Path(tmp) / "storage"
-        storage.mkdir()
         ascend.configure(
             backend="kubernetes",
             kubeconfig=str(cluster.kubeconfig),
             namespace=cluster.namespace,
-            storage=storage.as_uri(),
             stream_logs=False,
+            image=default_image(),  # the runner image, as the bare Job below
+            **cluster.storage_settings(),  # S3 that pods reach
         )
         phases: dict[str, list[float]] = {"uploaded": [], "created": []}
         _timed(phases)
@@ -171,14 +170,15 @@ def main() -> None:
             bare.append(time.perf_counter() - start)
 
         metrics = cluster.control_plane.metrics
-        gate = Path(tmp) / "gate"
-        one = gated(str(gate))
+        settings = cluster.storage_settings()
+        gate = Shared(settings["storage"], settings["storage_options"])
+        one = gated(gate)
         time.sleep(3)  # the first call is running; its watches are open
         watches_one = _watches(metrics())
-        many = [gated(str(gate)) for _ in range(IN_FLIGHT - 1)]
+        many = [gated(gate) for _ in range(IN_FLIGHT - 1)]
         time.sleep(5)
         watches_many = _watches(metrics())
-        gate.touch()
+        gate.touch("gate")
         ascend.wait([one, *many], timeout=900)
 
     median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}

@@ -34,6 +34,7 @@ import ascend
 from ascend import _scheduler
 from benchmarks._k8s import client_api_requests, metric
 from benchmarks._report import write
+from tests.cluster.shared import Shared
 
 ITEMS = int(os.environ.get("ASCEND_BENCH_MAP_ITEMS", "1000"))
 PENDING = 10_000
@@ -55,9 +56,8 @@ def square(x: int) -> int:
 
 
 @ascend.remote(cpu=POD_CPU)
-def gated(path: str) -> int:
-    while not os.path.exists(path):
-        time.sleep(0.2)
+def gated(gate: Shared) -> int:
+    gate.wait("gate", interval=0.5)  # in the store: a pod sees no host folder
     return 1
 
 
@@ -67,8 +67,8 @@ def size(i: int, shared: bytes) -> int:
 
 
 def _streams(text: str) -> float:
-    """Open watches and log streams in namespaces (the client's: controllers and node
-    agents watch cluster-wide)."""
+    """Open watches and log streams in namespaces (the client's: controllers and
+    kubelets watch cluster-wide)."""
     return sum(
         metric(text, "apiserver_longrunning_requests", 'scope="namespace"', f'resource="{r}"')
         for r in ("jobs", "pods", "events")
@@ -142,15 +142,18 @@ def _rss() -> float:
 
 
 def main() -> None:
+    from tests.cluster import hostenv
     from tests.cluster.cluster import Cluster
     from tests.cluster.stores import start_s3
 
-    # Thousands of pods starting on a small machine can starve a node agent's heartbeat
-    # for more than the test cluster's short default grace: allow what Kubernetes does.
+    # Hundreds of pods starting on a small machine can starve a kubelet's heartbeat for
+    # more than the test cluster's short default grace: allow what Kubernetes does.
     with tempfile.TemporaryDirectory() as tmp, Cluster(node_grace="50s") as cluster:
         workdir = Path(tmp)
         os.environ["XDG_CONFIG_HOME"] = str(workdir / "config")
-        store = start_s3(workdir)
+        # A store of its own (its request log counts this benchmark's requests only), on
+        # the address pods reach.
+        store = start_s3(workdir, host=hostenv.SERVICE_ADDRESS)
         try:
             figures = _measure(cluster, store, workdir)
         finally:
@@ -195,10 +198,10 @@ def _measure(cluster: Any, store: Any, workdir: Path) -> dict[str, Any]:
     figures.update(map_10=small, map=mapped, calls=calls)
 
     # Pending items: a map that cannot progress (two pods at a time, each waiting).
-    gate = workdir / "gate"
+    gate = Shared(f"{store.url}/gates", store.storage_options)
     before = _rss()
     with _Peak(lambda: psutil.Process().memory_info().rss / 2**20, 0.1) as rss:
-        pending = gated.map([str(gate)] * PENDING, max_parallel=2)
+        pending = gated.map([gate] * PENDING, max_parallel=2)
         deadline = time.monotonic() + 900
         while not any(f._status == "running" for f in pending.futures[:2]):
             if time.monotonic() > deadline:
@@ -206,7 +209,7 @@ def _measure(cluster: Any, store: Any, workdir: Path) -> dict[str, Any]:
             time.sleep(0.5)
     figures["pending_rss_growth_mb"] = rss.peak - before
     pending.cancel()
-    gate.touch()
+    gate.touch("gate")
 
     written0 = _storage_stats().get("bytes_written", 0)
     shared = os.urandom(SHARED_MB * 2**20)

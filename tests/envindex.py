@@ -176,16 +176,10 @@ def serve(folder: Path, address: str = "127.0.0.1") -> Iterator[str]:
 
 
 def suite_address(cluster: object) -> str:
-    """Where pods can reach a server the suite starts: the real-node cluster's own
-    address when it has one, else ``$ASCEND_TEST_SUITE_ADDRESS``, else loopback (the
-    node agents run pods as local processes)."""
+    """Where pods can reach a server the suite starts: the test cluster's own address
+    (never loopback: pods cannot reach it), else ``$ASCEND_TEST_SUITE_ADDRESS``, else
+    loopback (kind and local runs)."""
     inner = getattr(cluster, "cluster", None)
-    if getattr(inner, "real", False):
-        # Real kubelets' pods reach the suite's services (stores, registry) here, never
-        # on loopback.
-        from tests.cluster import hostenv
-
-        return hostenv.SERVICE_ADDRESS
     return (
         getattr(inner, "suite_address", None)
         or os.environ.get("ASCEND_TEST_SUITE_ADDRESS")

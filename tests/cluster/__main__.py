@@ -1,9 +1,8 @@
 """The test cluster from the command line.
 
-python -m tests.cluster build       compile the control plane (cached); with
-                                    ASCEND_TEST_NODES=real also build the nodes' images
+python -m tests.cluster build       compile the control plane and kubelet, build the nodes'
+                                    images (each cached, see docs/testing.md)
 python -m tests.cluster up          start cluster + stores in the background, print how to use them
-                                    (ASCEND_TEST_NODES=real: real kubelets, see docs/testing.md)
 python -m tests.cluster status      what is running
 python -m tests.cluster down        stop everything
 python -m tests.cluster kind-up     a kind cluster instead (needs Docker and kind)
@@ -39,13 +38,10 @@ def _alive(pid: int) -> bool:
 
 def cmd_build() -> int:
     print(build.build())
-    from tests.cluster.cluster import real_nodes
+    from tests.cluster import images
 
-    if real_nodes():  # the nodes' images, built once from Debian packages and cached
-        from tests.cluster import images
-
-        for name in images.images():
-            print(name)
+    for name in images.images():  # the nodes' images, built once from Debian packages
+        print(name)
     return 0
 
 
@@ -58,8 +54,7 @@ def cmd_serve() -> int:
     install_signal_handlers()
     data_dir = Path(tempfile.mkdtemp(prefix="ascend-testcluster-"))
     cluster = Cluster(data_dir).start()
-    host = hostenv.SERVICE_ADDRESS if cluster.real else "127.0.0.1"  # where pods reach
-    services = stores.start_all(data_dir / "stores", host)
+    services = stores.start_all(data_dir / "stores", hostenv.SERVICE_ADDRESS)  # pods reach it
     record = {
         "pid": os.getpid(),
         "data_dir": str(data_dir),

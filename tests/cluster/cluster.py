@@ -1,8 +1,7 @@
 """The whole test cluster: control plane, nodes, test namespaces and RBAC.
 
-Nodes are real kubelets with their own containerd (``nodes.RealNode``) when
-``ASCEND_TEST_NODES=real``, and Python node agents (``nodeagent.py``, pods as host
-processes) otherwise, until the real nodes run the whole e2e suite.
+Nodes are real kubelets, each with its own containerd and runc (``nodes.RealNode``),
+pulling images the suite builds from Debian packages and serves from its own registry.
 """
 
 from __future__ import annotations
@@ -10,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
+import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from tests.cluster import build, hostenv, pki
-from tests.cluster.controlplane import NODE_MONITOR_GRACE, ControlPlane, Process
+from tests.cluster import hostenv, pki
+from tests.cluster.controlplane import NODE_MONITOR_GRACE, ControlPlane
 
 if TYPE_CHECKING:
     from tests.cluster.nodes import RealNode
@@ -90,115 +88,14 @@ _KUBELET_API_RBAC = {
 }
 
 
-def real_nodes() -> bool:
-    """Whether the test cluster's nodes are real kubelets (``ASCEND_TEST_NODES=real``)."""
-    mode = os.environ.get("ASCEND_TEST_NODES", "agent")
-    if mode not in ("agent", "real"):
-        raise RuntimeError(f"ASCEND_TEST_NODES={mode!r}: use `real` or `agent`")
-    return mode == "real"
-
-
-class NodeAgentProcess:
-    """A node agent running as its own process (so it can be killed like a machine)."""
-
-    def __init__(
-        self,
-        kubeconfig: str | Path,
-        name: str,
-        *,
-        cpu: str,
-        memory: str,
-        gpus: int = 0,
-        instance_type: str = "cpu-standard",
-        taints: tuple[str, ...] = (),
-        log_dir: Path,
-        image_map: dict[str, str] | None = None,
-    ) -> None:
-        self.name = name
-        self.kubeconfig = str(kubeconfig)
-        self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            sys.executable,
-            "-m",
-            "tests.cluster.nodeagent",
-            "--kubeconfig",
-            self.kubeconfig,
-            "--name",
-            name,
-            "--cpu",
-            cpu,
-            "--memory",
-            memory,
-            "--gpus",
-            str(gpus),
-            "--instance-type",
-            instance_type,
-            "--log-dir",
-            str(self.log_dir),
-        ]
-        for taint in taints:
-            argv += ["--taint", taint]
-        for pattern, prefix in (image_map or {}).items():
-            argv += ["--image-map", f"{pattern}={prefix}"]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        self._process = Process(f"node-agent {name}", argv, self.log_dir / "agent.log", env=env)
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.popen.pid if self._process.popen else None
-
-    @property
-    def log_path(self) -> Path:
-        return self._process.log_path
-
-    def start(self) -> NodeAgentProcess:
-        self._process.start()
-        return self
-
-    def stop(self) -> None:
-        """SIGTERM: the agent kills its pods' processes and exits, reporting nothing."""
-        self._process.stop()
-
-    def restart(self) -> NodeAgentProcess:
-        self.stop()
-        return self.start()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        """Wait until the Node is Ready and carries no not-ready/unreachable taint."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._process.running:
-                raise RuntimeError(f"node agent {self.name} exited:\n{self._process.log_tail()}")
-            result = subprocess.run(
-                [
-                    str(build.binary_path()),
-                    "kubectl",
-                    f"--kubeconfig={self.kubeconfig}",
-                    "get",
-                    "node",
-                    self.name,
-                    "-o",
-                    "json",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if result.returncode == 0:
-                node = json.loads(result.stdout)
-                ready = any(
-                    c["type"] == "Ready" and c["status"] == "True"
-                    for c in node["status"].get("conditions", [])
-                )
-                tainted = any(
-                    t["key"].startswith("node.kubernetes.io/")
-                    for t in node["spec"].get("taints", [])
-                )
-                if ready and not tainted:
-                    return
-            time.sleep(0.3)
+def check_node_mode() -> None:
+    """Refuse the retired node agents: ``ASCEND_TEST_NODES`` may only be ``real``."""
+    mode = os.environ.get("ASCEND_TEST_NODES", "real")
+    if mode != "real":
         raise RuntimeError(
-            f"node {self.name} not ready after {timeout:.0f} s:\n{self._process.log_tail()}"
+            f"ASCEND_TEST_NODES={mode!r}: the test cluster's nodes are always real kubelets "
+            "now (the Python node agents were retired); unset it, or use "
+            "ASCEND_TEST_CLUSTER=kind for kind"
         )
 
 
@@ -206,43 +103,22 @@ class Cluster:
     """Control plane + nodes (default topology: two CPU nodes and one GPU node)."""
 
     def __init__(
-        self,
-        data_dir: Path | None = None,
-        *,
-        node_grace: str = NODE_MONITOR_GRACE,
-        real: bool | None = None,
+        self, data_dir: Path | None = None, *, node_grace: str = NODE_MONITOR_GRACE
     ) -> None:
         """``node_grace``: how long a silent node stays Ready (short by default, so that
-        node-loss tests are quick; longer for heavy loads on small machines). ``real``:
-        real kubelets instead of node agents (default: ``ASCEND_TEST_NODES``)."""
+        node-loss tests are quick; longer for heavy loads on small machines)."""
+        check_node_mode()
         self._own_data_dir = data_dir is None  # made here: removed by a clean stop()
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="ascend-testcluster-"))
-        self.real = real_nodes() if real is None else real
-        self.control_plane = ControlPlane(
-            self.data_dir, node_grace=node_grace, verify_kubelets=self.real
-        )
+        self.control_plane = ControlPlane(self.data_dir, node_grace=node_grace)
         self.registry: Registry | None = None
         self._images: list[str] = []
         self._host_lock: IO[str] | None = None
         self.host_before: dict[str, Any] = {}
-        # After stop(): what real nodes left changed on the host (empty when restored).
+        # After stop(): what the nodes left changed on the host (empty when restored).
         self.host_changes: dict[str, Any] = {}
-        self.storage: Store | None = None  # with real nodes: S3 that pods can reach
-        self.nodes: dict[str, NodeAgentProcess | RealNode] = {}
-        if not self.real:
-            self.nodes = {
-                name: NodeAgentProcess(
-                    self.control_plane.kubeconfig,
-                    name,
-                    cpu=cpu,
-                    memory=memory,
-                    gpus=gpus,
-                    instance_type=instance_type,
-                    taints=taints,
-                    log_dir=self.data_dir / f"node-{name}",
-                )
-                for name, (cpu, memory, gpus, instance_type, taints) in TOPOLOGY.items()
-            }
+        self.storage: Store | None = None  # S3 that pods can reach (set by start())
+        self.nodes: dict[str, RealNode] = {}
         self.namespace = NAMESPACE
         self.user_namespace = USER_NAMESPACE
 
@@ -255,10 +131,23 @@ class Cluster:
         return self.control_plane.unprivileged_kubeconfig
 
     @property
-    def suite_address(self) -> str | None:
-        """Where pods reach servers the suite starts: with real nodes an address on ``lo``
-        the suite adds (pods cannot reach ``127.0.0.1``); None with node agents."""
-        return hostenv.SERVICE_ADDRESS if self.real else None
+    def suite_address(self) -> str:
+        """Where pods reach servers the suite starts: an address on ``lo`` the suite adds
+        (pods cannot reach ``127.0.0.1``)."""
+        return hostenv.SERVICE_ADDRESS
+
+    def storage_settings(self) -> dict[str, Any]:
+        """``ascend.configure`` arguments for a fresh prefix in the cluster's S3 store,
+        which every pod can read (credentials reach pods through the Secret
+        ``STORAGE_SECRET``); the store's credentials are put in this process's
+        environment."""
+        assert self.storage is not None, "start() the cluster first"
+        self.storage.activate()
+        return {
+            "storage": f"{self.storage.url}/{uuid.uuid4().hex}",
+            "storage_options": self.storage.storage_options,
+            "storage_secret": STORAGE_SECRET,
+        }
 
     def _make_real_nodes(self) -> None:
         """The registry with the suite's images, then one RealNode per topology entry."""
@@ -303,14 +192,12 @@ class Cluster:
 
     def start(self) -> Cluster:
         try:
-            if self.real:
-                self._host_lock = hostenv.lock()  # one cluster with real nodes at a time
-                hostenv.restore(keep_service_address=True)  # an interrupted run's leftovers
-                self.host_before = hostenv.view()
-                hostenv.prepare()
+            self._host_lock = hostenv.lock()  # one cluster with real nodes at a time
+            hostenv.restore(keep_service_address=True)  # an interrupted run's leftovers
+            self.host_before = hostenv.view()
+            hostenv.prepare()
             self.control_plane.start()
-            if self.real:
-                self._make_real_nodes()
+            self._make_real_nodes()
             for node in self.nodes.values():
                 node.start()
             manifest = self.data_dir / "rbac.json"
@@ -319,8 +206,7 @@ class Cluster:
             applied = self.control_plane.kubectl("apply", "-f", str(manifest))
             if applied.returncode != 0:
                 raise RuntimeError(f"applying test namespaces and RBAC failed: {applied.stderr}")
-            if self.real:
-                self._pull_everywhere()
+            self._pull_everywhere()
             for node in self.nodes.values():
                 node.wait_ready()
             self._wait_service_account(NAMESPACE)
@@ -338,7 +224,7 @@ class Cluster:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(self.nodes)) as pool:
-            pulls = [pool.submit(n.pull, self._images) for n in self.nodes.values()]  # type: ignore[union-attr]
+            pulls = [pool.submit(n.pull, self._images) for n in self.nodes.values()]
             for pull in pulls:
                 pull.result()
 
@@ -368,22 +254,19 @@ class Cluster:
             raise RuntimeError(f"no default service account in {namespace}: {result.stderr}")
 
     def stop(self, *, keep_data: bool = False) -> None:
-        """Stop everything; with real nodes, also put the host back as found. The data
-        folder (logs, etcd, the nodes' disks: up to 2 GB with real nodes) is removed
+        """Stop everything and put the host back as found. The data folder (logs, etcd,
+        the nodes' disks: up to 2 GB) is removed
         when this cluster made it, unless ``keep_data`` (a failed test session keeps it
         to be read) or something is still mounted below it."""
         try:
             for node in self.nodes.values():
-                if self.real:
-                    node.destroy()  # type: ignore[union-attr]
-                else:
-                    node.stop()
+                node.destroy()
             for service in (self.storage, self.registry):
                 if service is not None:
                     service.stop()
             self.control_plane.stop()
         finally:
-            if self.real and self._host_lock is not None:
+            if self._host_lock is not None:
                 hostenv.restore()
                 # Compared before the lock is released: the next cluster changes the host.
                 after = hostenv.view()

@@ -145,12 +145,9 @@ class ControlPlane:
         data_dir: Path | None = None,
         *,
         node_grace: str = NODE_MONITOR_GRACE,
-        verify_kubelets: bool = False,
     ) -> None:
-        """``verify_kubelets``: authenticate kubelets by the cluster CA (real nodes)."""
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="ascend-testcluster-"))
         self.node_grace = node_grace
-        self.verify_kubelets = verify_kubelets
         self.binary = build.build()
         self.creds = pki.create(self.data_dir / "pki")
         self.etcd_port = free_port()
@@ -231,17 +228,11 @@ class ControlPlane:
             f"--default-unreachable-toleration-seconds={TOLERATION_SECONDS}",
             "--profiling=false",
             "--v=1",
-            *(
-                # Real kubelets: verified with the cluster CA, and spoken to with the API
-                # server's own client certificate (node agents serve a self-signed one).
-                [
-                    f"--kubelet-client-certificate={c.kubelet_client_cert}",
-                    f"--kubelet-client-key={c.kubelet_client_key}",
-                    f"--kubelet-certificate-authority={c.ca_cert}",
-                ]
-                if self.verify_kubelets
-                else []
-            ),
+            # Kubelets are verified with the cluster CA, and spoken to with the API
+            # server's own client certificate.
+            f"--kubelet-client-certificate={c.kubelet_client_cert}",
+            f"--kubelet-client-key={c.kubelet_client_key}",
+            f"--kubelet-certificate-authority={c.ca_cert}",
         ]
 
     def _cm_args(self) -> list[str]:

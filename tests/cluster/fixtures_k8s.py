@@ -1,9 +1,9 @@
 """pytest fixtures for the Kubernetes test cluster (``k8s_cluster``).
 
 The cluster is started once per session: a control plane compiled from Go modules and
-three node agents. With ``ASCEND_TEST_CLUSTER=kind`` the fixture uses the kind
-cluster that ``python -m tests.cluster kind-up`` made; tests that stop node agents or
-restart the apiserver are skipped there with that reason.
+three real kubelets with containerd and runc. With ``ASCEND_TEST_CLUSTER=kind`` the
+fixture uses the kind cluster that ``python -m tests.cluster kind-up`` made; tests that
+stop nodes or restart the apiserver are skipped there with that reason.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 
 from ascend.backends._kubernetes._spec import default_image
 from tests.cluster import build, state
-from tests.cluster.cluster import NAMESPACE, STORAGE_SECRET, USER_NAMESPACE, Cluster
+from tests.cluster.cluster import NAMESPACE, USER_NAMESPACE, Cluster
 from tests.cluster.shared import Shared
 
 # The suite's calls run on the runner image the test cluster serves, as on a cluster whose
@@ -57,36 +57,20 @@ class K8sCluster:
     def control_plane(self) -> Any:
         return self.cluster.control_plane if self.cluster else None
 
-    @property
-    def nodes_are_agents(self) -> bool:
-        """Pods are host processes (the node agents), not containers."""
-        return self.cluster is not None and not self.cluster.real
-
-    @property
-    def real_nodes(self) -> bool:
-        return self.cluster is not None and self.cluster.real
-
     def storage_settings(self, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         """``ascend.configure`` arguments for storage every pod can read: a fresh prefix in
-        the cluster's S3 store with real nodes (pods are containers: they see no host
-        folder; credentials reach them through a Secret), a shared host folder with node
-        agents (pods are host processes) and on kind (the client's folder is not the
-        kind node's: use real nodes or a cloud store there)."""
-        if self.cluster is not None and self.cluster.storage is not None:
-            store = self.cluster.storage
-            store.activate()
-            return {
-                "storage": f"{store.url}/{uuid.uuid4().hex}",
-                "storage_options": store.storage_options,
-                "storage_secret": STORAGE_SECRET,
-            }
+        the cluster's S3 store (pods are containers: they see no host folder; credentials
+        reach them through a Secret); on kind a host folder (the client's folder is not
+        the kind node's: use the suite's cluster or a cloud store there)."""
+        if self.cluster is not None:
+            return self.cluster.storage_settings()
         storage = tmp_path_factory.mktemp("k8s-storage")
         storage.chmod(0o777)
         return {"storage": storage.as_uri()}
 
     def shared(self, folder: Path) -> Shared:
-        """A folder the test and every pod can read and write (``folder`` is used with
-        node agents; real nodes use a fresh prefix in the cluster's S3 store)."""
+        """A folder the test and every pod can read and write: a fresh prefix in the
+        cluster's S3 store (``folder`` on kind)."""
         if self.cluster is not None and self.cluster.storage is not None:
             store = self.cluster.storage
             store.activate()

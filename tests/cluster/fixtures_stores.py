@@ -12,24 +12,20 @@ from collections.abc import Iterator
 import pytest
 
 from tests.cluster import hostenv, stores
-from tests.cluster.cluster import real_nodes
 
 
 def _start(
     name: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[stores.Store | stores.Registry]:
     workdir = tmp_path_factory.mktemp(f"store-{name}")
-    if real_nodes():
-        # Pods on real nodes reach only the suite's own address, never 127.0.0.1.
-        hostenv.add_address(hostenv.SERVICE_ADDRESS)
-        service = stores.STARTERS[name](workdir, host=hostenv.SERVICE_ADDRESS)  # type: ignore[operator]
-    else:
-        service = stores.STARTERS[name](workdir)
+    # Pods reach only the suite's own address, never 127.0.0.1.
+    hostenv.add_address(hostenv.SERVICE_ADDRESS)
+    service = stores.STARTERS[name](workdir, host=hostenv.SERVICE_ADDRESS)  # type: ignore[operator]
     try:
         yield service
     finally:
         service.stop()
-        if real_nodes() and not hostenv.cluster_running():
+        if not hostenv.cluster_running():
             hostenv.remove_address(hostenv.SERVICE_ADDRESS)
 
 

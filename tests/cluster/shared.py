@@ -1,9 +1,9 @@
 """A folder both the test process and every pod can use: gates, markers, counters.
 
-With node agents a pod is a host process and a host folder would do; on real nodes a pod
-is a container that sees no host folder, so the folder lives in the storage the pods
-already reach (the cluster's S3 store; credentials come from the pod's environment). The
-same object works in both: it is pickled into the call with its URL and options.
+A pod is a container that sees no host folder, so the folder lives in the storage the
+pods already reach (the cluster's S3 store; credentials come from the pod's environment);
+a ``file://`` URL serves kind and local runs. The object is pickled into the call with
+its URL and options.
 """
 
 from __future__ import annotations

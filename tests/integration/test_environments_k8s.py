@@ -313,27 +313,13 @@ def test_a_call_runs_on_its_environment_image_in_registry_mode(
 
 
 def test_a_kubelets_startup_probe_holds_startup_timeout_until_the_runner_starts(
-    k8s_cluster: K8sCluster,
-    clean_jobs: None,
-    index_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
+    on_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """On a kubelet a bootstrap pod's container is ``started`` only once the bootstrap
     has unpacked the environment (its startup probe): a download that stalls is the
     client's StartupTimeout, counted from the pod's creation."""
-    if k8s_cluster.cluster is None or not k8s_cluster.real_nodes:
-        pytest.skip("needs real kubelets (ASCEND_TEST_NODES=real): node agents run no probes")
-    storage = k8s_cluster.storage_settings(tmp_path_factory)  # S3 on the suite's address
-    ascend.configure(
-        backend="kubernetes",
-        kubeconfig=str(k8s_cluster.kubeconfig),
-        namespace=k8s_cluster.namespace,
-        unschedulable_grace=2,
-        index_url="none",
-        find_links=index_url,
-        build="local",
-        **storage,
-    )
+    storage = on_cluster.storage_settings(tmp_path_factory)  # S3 on the suite's address
+    ascend.configure(build="local", **storage)
     fn = ascend.remote(requirements=[TEST_PACKAGE])(uses_test_package)
     assert fn().result(timeout=600) == TEST_VALUE  # the probe passes: the runner ran
     from urllib.parse import urlsplit

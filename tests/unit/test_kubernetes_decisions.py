@@ -264,8 +264,9 @@ def _created(pod: Obj) -> float:
 
 def _container_creating(rec: Recording) -> Obj:
     """A scheduled pod whose container is being created (its image pulled). Derived
-    from a recorded one: the suite's node agent reports no ``ContainerCreating``; a
-    kubelet reports it as ``waiting: {reason: ContainerCreating}`` while it pulls."""
+    from a recorded one (the suite's nodes pull their images at start-up, so no recording
+    catches a pull): a kubelet reports it as ``waiting: {reason: ContainerCreating}``
+    while it pulls."""
     pod = rec.pod(lambda p: bool(p["spec"].get("nodeName")) and not d.started(p))
     pod["status"]["containerStatuses"] = [
         {
@@ -427,7 +428,7 @@ def test_a_recorded_pod_that_never_started_is_past_its_startup_deadline() -> Non
 
 def test_a_running_bootstrap_whose_startup_probe_has_not_passed_has_not_started() -> None:
     """A kubelet reports a container with a startup probe as ``started: false`` until the
-    probe passes (derived from the recorded running pod: the node agent runs no probes)."""
+    probe passes (derived from the recorded running pod, whose call had no probe)."""
     rec = Recording("succeeded")
     pod = rec.pod(lambda p: p["status"].get("phase") == "Running")
     assert d.runner_started(pod)

@@ -203,8 +203,7 @@ async def test_a_disruption_within_max_preemptions_is_reported_as_a_preemption()
     observer, tracker = await replay("evicted_once", max_preemptions=1)
     assert observer.preemptions == [(0, 1)]
     assert len(tracker.disrupted[0]) == 1
-    # On the test cluster's node agent the Job then fails (see test_placement.py): the
-    # call is reported Preempted, not as a crash.
+    # Past max_preemptions the call is reported Preempted, not as a crash.
     assert isinstance(observer.errors[0], ascend.Preempted)
 
 

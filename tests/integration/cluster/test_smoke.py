@@ -8,7 +8,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from tests.cluster.fixtures_k8s import K8sCluster, wait_until
@@ -108,16 +107,8 @@ async def test_job_created_with_the_official_client_completes(k8s_cluster: K8sCl
     assert completed
 
 
-def _gate(cluster: K8sCluster, tmp_path: Path) -> str:
-    """A path a pod waits for: in the container on real nodes and kind (opened with
-    ``kubectl exec``), a host file with node agents (their pods are host processes)."""
-    return str(tmp_path / "gate") if cluster.nodes_are_agents else "/tmp/gate"
-
-
 def _open_gate(cluster: K8sCluster, gate: str, pod: str) -> None:
-    if cluster.nodes_are_agents:
-        Path(gate).touch()
-        return
+    """Create ``gate``, a path inside the pod's container (with ``kubectl exec``)."""
     cluster.kubectl(
         "exec", "-n", cluster.namespace, pod, "--", "python", "-c", f"open({gate!r}, 'w')"
     )
@@ -126,7 +117,7 @@ def _open_gate(cluster: K8sCluster, gate: str, pod: str) -> None:
 def test_job_from_kubectl_apply_streams_logs_while_running(
     k8s_cluster: K8sCluster, tmp_path: Path
 ) -> None:
-    gate = _gate(k8s_cluster, tmp_path)
+    gate = "/tmp/gate"  # inside the container
     apply(
         k8s_cluster,
         job(
@@ -235,26 +226,18 @@ def _running_pid(cluster: K8sCluster, job_name: str) -> int:
     return int(logs.splitlines()[0])
 
 
-def test_deleting_a_running_job_kills_its_process(k8s_cluster: K8sCluster, tmp_path: Path) -> None:
+def test_deleting_a_running_job_kills_its_container(
+    k8s_cluster: K8sCluster, tmp_path: Path
+) -> None:
     apply(
         k8s_cluster,
         job("victim", "import os, time; print(os.getpid(), flush=True); time.sleep(600)"),
         tmp_path,
     )
-    pid = _running_pid(k8s_cluster, "victim")
-    agents = k8s_cluster.nodes_are_agents  # else the pid is the container's (1)
-    assert not agents or psutil.pid_exists(pid)
+    assert _running_pid(k8s_cluster, "victim") == 1  # the container's own PID 1
     k8s_cluster.kubectl(
         "delete", "job", "victim", "-n", k8s_cluster.namespace, "--cascade=background"
     )
-    if agents:
-        wait_until(
-            lambda: (
-                not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-            ),
-            30,
-            "process gone",
-        )
     # A real kubelet sends SIGTERM, which this PID 1 ignores, then SIGKILL after the
     # default 30 s grace period.
     wait_until(lambda: not pods_of(k8s_cluster, "victim"), 60, "pod removed")
@@ -368,16 +351,11 @@ def test_stopping_a_node_fails_its_pod_and_the_job_controller_reacts(
         nodeSelector={"kubernetes.io/hostname": "cpu-2"},
     )
     apply(k8s_cluster, manifest, tmp_path)
-    pid = _running_pid(k8s_cluster, "orphan")
+    _running_pid(k8s_cluster, "orphan")
     node = cluster.nodes["cpu-2"]
     node.stop()
     try:
-        if k8s_cluster.nodes_are_agents:
-            assert (
-                not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-            )
-        else:  # machine death: nothing of the node runs any more, its containers included
-            assert not node.tasks()
+        assert not node.tasks()  # machine death: nothing of the node runs, containers included
         wait_until(
             lambda: any(
                 c["type"] == "Ready" and c["status"] != "True"

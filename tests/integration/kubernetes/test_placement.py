@@ -168,16 +168,6 @@ def test_a_replacement_pod_starts_only_after_the_evicted_one_stopped(
     fut.cancel()
 
 
-def _requires_kubelets(cluster: K8sCluster) -> None:
-    node = cluster.nodes.get(GPU_NODE)
-    if node is not None and type(node).__name__ == "NodeAgentProcess":
-        pytest.skip(
-            "the test cluster's node agent replaces a pod's conditions when it reports its "
-            "end, dropping DisruptionTarget, so the Job controller counts an eviction as a "
-            "failure; real kubelets keep it (tests/cluster with kubelets)"
-        )
-
-
 @ascend.remote
 def pod_after(seconds: float) -> str:
     print("running", flush=True)
@@ -186,7 +176,6 @@ def pod_after(seconds: float) -> str:
 
 
 def test_an_evicted_call_runs_again_without_using_its_retries(on_cluster: K8sCluster) -> None:
-    _requires_kubelets(on_cluster)
     fut = pod_after.options(retries=0, max_preemptions=2)(15)
     evicted = _evict(on_cluster, fut.job_id)["metadata"]["name"]
     assert fut.result(timeout=240) not in ("", evicted)  # its replacement's answer

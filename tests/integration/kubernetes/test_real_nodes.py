@@ -1,9 +1,4 @@
-"""What only a real kubelet shows: users, the restricted profile, termination, images.
-
-These need real nodes (``ASCEND_TEST_NODES=real``, or kind): the node agents run pods as
-host processes, with the host's user and no container at all, so there each test is
-skipped with that reason.
-"""
+"""What only a real kubelet shows: users, the restricted profile, termination, images."""
 
 from __future__ import annotations
 
@@ -19,15 +14,6 @@ from tests.cluster.fixtures_k8s import K8sCluster, wait_until
 from tests.cluster.k8s_helpers import pods_of as _pods
 
 pytestmark = [pytest.mark.k8s, pytest.mark.usefixtures("clean_jobs")]
-
-
-@pytest.fixture
-def real(on_cluster: K8sCluster) -> K8sCluster:
-    if on_cluster.cluster is not None and not on_cluster.real_nodes:
-        pytest.skip(
-            "needs real kubelets (ASCEND_TEST_NODES=real or kind): node agents run pods as host processes"
-        )
-    return on_cluster
 
 
 @ascend.remote
@@ -54,7 +40,7 @@ def sleeper(seconds: float) -> str:
     return "woke"
 
 
-def test_a_calls_pod_runs_as_uid_10001_with_the_restricted_profile(real: K8sCluster) -> None:
+def test_a_calls_pod_runs_as_uid_10001_with_the_restricted_profile(on_cluster: K8sCluster) -> None:
     seen = identity().result(timeout=180)
     assert (seen["uid"], seen["gid"]) == (10001, 10001)
     assert seen["pid"] == 1, "the runner is the container's PID 1"
@@ -64,7 +50,7 @@ def test_a_calls_pod_runs_as_uid_10001_with_the_restricted_profile(real: K8sClus
 
 
 def test_a_root_image_with_run_as_non_root_is_refused_by_the_kubelet(
-    real: K8sCluster, tmp_path: Path
+    on_cluster: K8sCluster, tmp_path: Path
 ) -> None:
     """The kubelet, not the API server, refuses it: the pod is created and its
     container never starts (CreateContainerConfigError)."""
@@ -82,11 +68,11 @@ def test_a_root_image_with_run_as_non_root_is_refused_by_the_kubelet(
     }
     path = tmp_path / "pod.json"
     path.write_text(json.dumps(pod))
-    real.kubectl("apply", "-n", real.namespace, "-f", str(path))
+    on_cluster.kubectl("apply", "-n", on_cluster.namespace, "-f", str(path))
     try:
 
         def waiting() -> dict[str, Any] | None:
-            status = real.get("pod", "root-image")["status"]
+            status = on_cluster.get("pod", "root-image")["status"]
             for container in status.get("containerStatuses") or []:
                 reason = (container["state"].get("waiting") or {}).get("reason")
                 if reason == "CreateContainerConfigError":
@@ -96,10 +82,12 @@ def test_a_root_image_with_run_as_non_root_is_refused_by_the_kubelet(
         state = wait_until(waiting, 120, "the kubelet to refuse the container")
         assert "runAsNonRoot" in state["message"] and "root" in state["message"]
     finally:
-        real.kubectl("delete", "pod", "root-image", "-n", real.namespace, "--wait=false")
+        on_cluster.kubectl(
+            "delete", "pod", "root-image", "-n", on_cluster.namespace, "--wait=false"
+        )
 
 
-def test_an_image_whose_user_is_root_still_runs_a_call_as_10001(real: K8sCluster) -> None:
+def test_an_image_whose_user_is_root_still_runs_a_call_as_10001(on_cluster: K8sCluster) -> None:
     """ascend sets runAsUser itself, so an image whose user is root (the runner image
     without its USER line, served by the suite as ``<runner image>-root``) is not refused
     by the kubelet and does not run the call as root."""
@@ -109,16 +97,16 @@ def test_an_image_whose_user_is_root_still_runs_a_call_as_10001(real: K8sCluster
     assert seen["uid"] == 10001
 
 
-def test_an_image_missing_from_the_registry_is_an_image_pull_error(real: K8sCluster) -> None:
+def test_an_image_missing_from_the_registry_is_an_image_pull_error(on_cluster: K8sCluster) -> None:
     """containerd asks the suite's registry (through the docker.io mirror) and gets 404."""
     with pytest.raises(ascend.ImagePullError, match="python:0.0-none"):
         identity.options(image="python:0.0-none")().result(timeout=180)
 
 
-def test_a_cancelled_calls_pod_is_gone_within_5_seconds(real: K8sCluster) -> None:
+def test_a_cancelled_calls_pod_is_gone_within_5_seconds(on_cluster: K8sCluster) -> None:
     fut = sleeper(600)
     assert next(iter(fut.logs())) == "sleeping"
     assert fut.cancel()
     cancelled = time.monotonic()
-    wait_until(lambda: not _pods(real, fut.job_id), 30, "the pod to be gone")
+    wait_until(lambda: not _pods(on_cluster, fut.job_id), 30, "the pod to be gone")
     assert time.monotonic() - cancelled < 5
