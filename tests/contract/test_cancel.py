@@ -41,13 +41,13 @@ def _beating(beats: Shared, name: str, within: float = _WAIT) -> None:
         time.sleep(0.1)
 
 
-def _stopped(beats: Shared, name: str, quiet_for: float = 3.0, within: float = 30.0) -> bool:
-    """True once the heartbeat has not changed for ``quiet_for`` seconds."""
+def _stopped(beats: Shared, *names: str, quiet_for: float = 3.0, within: float = 30.0) -> bool:
+    """True once none of the heartbeats ``names`` has changed for ``quiet_for`` seconds."""
     deadline = time.monotonic() + within
-    last, since = beats.read_text(name), time.monotonic()
+    last, since = [beats.read_text(n) for n in names], time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        now = beats.read_text(name)
+        now = [beats.read_text(n) for n in names]
         if now != last:
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet_for:
@@ -127,7 +127,7 @@ def test_ctrl_c_while_waiting_on_a_map_cancels_it_and_stops_its_work(
     finally:
         timer.cancel()
     assert all(f.cancelled() for f in mf.futures), [f.status for f in mf.futures]
-    assert _stopped(beats, "beat-1") and _stopped(beats, "beat-3")
+    assert _stopped(beats, "beat-1", "beat-3")
 
 
 async def _await(mf: ascend.MapFuture[Any]) -> object:
@@ -164,7 +164,7 @@ def test_cancelling_the_task_awaiting_a_map_cancels_it_and_stops_its_work(
 
     asyncio.run(main())
     assert all(f.cancelled() for f in mf.futures), [f.status for f in mf.futures]
-    assert _stopped(beats, "beat-1") and _stopped(beats, "beat-3")
+    assert _stopped(beats, "beat-1", "beat-3")
 
 
 def test_leaving_an_async_for_early_does_not_cancel_the_map(backend: str, beats: Shared) -> None:

@@ -231,15 +231,19 @@ def test_deleting_a_running_job_kills_its_container(
 ) -> None:
     apply(
         k8s_cluster,
-        job("victim", "import os, time; print(os.getpid(), flush=True); time.sleep(600)"),
+        job(
+            "victim",
+            "import os, time; print(os.getpid(), flush=True); time.sleep(600)",
+            terminationGracePeriodSeconds=2,
+        ),
         tmp_path,
     )
     assert _running_pid(k8s_cluster, "victim") == 1  # the container's own PID 1
     k8s_cluster.kubectl(
         "delete", "job", "victim", "-n", k8s_cluster.namespace, "--cascade=background"
     )
-    # A real kubelet sends SIGTERM, which this PID 1 ignores, then SIGKILL after the
-    # default 30 s grace period.
+    # The kubelet sends SIGTERM, which this PID 1 ignores, then SIGKILL after the pod's
+    # grace period (2 s).
     wait_until(lambda: not pods_of(k8s_cluster, "victim"), 60, "pod removed")
 
 
@@ -264,7 +268,15 @@ def test_pod_deadline_ends_the_pod_as_deadline_exceeded(
     k8s_cluster: K8sCluster, tmp_path: Path
 ) -> None:
     apply(
-        k8s_cluster, job("late", "import time; time.sleep(600)", activeDeadlineSeconds=2), tmp_path
+        k8s_cluster,
+        # PID 1 ignores SIGTERM: the kubelet kills it after the grace period (2 s).
+        job(
+            "late",
+            "import time; time.sleep(600)",
+            activeDeadlineSeconds=2,
+            terminationGracePeriodSeconds=2,
+        ),
+        tmp_path,
     )
     wait_job(k8s_cluster, "late", "Failed")
     pod = pods_of(k8s_cluster, "late")[0]
