@@ -8,8 +8,8 @@ download). The baseline is the same Job round trip without ascend: a bare Job ru
 ``python -c "import cloudpickle"``, created and watched until Complete.
 
 Also: API requests the client makes per call, and open WATCH connections (from the
-apiserver's own ``apiserver_longrunning_requests`` gauge) with 1 and with 200 calls in
-flight.
+apiserver's own ``apiserver_longrunning_requests`` gauge) with 1 and with ``IN_FLIGHT``
+calls in flight.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from benchmarks._report import write
 from tests.cluster.shared import Shared
 
 REPEAT = 10
-IN_FLIGHT = 200
+# Calls held running at once: each is a pod on the test cluster's real nodes (a Python
+# process polling a gate), which this 2-core machine runs by the dozen, not by the hundred.
+IN_FLIGHT = int(os.environ.get("ASCEND_BENCH_IN_FLIGHT", "50"))
 
 
 def _watches(metrics: str) -> float:
