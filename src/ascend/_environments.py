@@ -1005,20 +1005,28 @@ async def build_environment(
     base_image: str | None = None,
     platform: str | None = None,
     local: bool | None = None,
+    resources: Any = None,
     on_line: Callable[[str], None] | None = None,
 ) -> Environment:
-    """Build (or find) the environment for ``requirements`` (``ascend env build``).
+    """Build (or find) the environment for ``requirements`` (``ascend env build``): the
+    same environment a call with these requirements and ``resources`` would use (the
+    cluster's default index; for torch on GPU nodes, their driver's CUDA index; an image
+    in registry mode).
 
     Args:
         platform: ``"linux/amd64"`` (default), ``"linux/arm64"``, or :data:`HOST` for
             the local backend (then it is always built here).
         local: build on this machine (``--local``) rather than as a build Job in the
             cluster; default: ``settings.build == "local"`` or the local backend.
+        resources: a :class:`~ascend.Resources` whose ``gpu``/``node_type`` name the
+            nodes the calls will run on (default: none, CPU nodes).
         on_line: receives each line of the build's output.
 
     Raises:
         ImageBuildError, StartupTimeout, ConfigError: as for a call.
     """
+    from ascend._resources import Resources
+
     if platform is None and settings.backend == "local":
         platform = HOST
     spec = await anyio.to_thread.run_sync(
@@ -1026,13 +1034,19 @@ async def build_environment(
     )
     if local is not None:
         settings = dataclasses.replace(settings, build="local" if local else "cluster")
-    backend = None
-    if settings.build == "cluster" and not spec.is_host:
+    lines = on_line or (lambda _: None)
+    backend: Any = None
+    if settings.backend == "kubernetes" and not spec.is_host:
         from ascend.backends import create_backend
 
         backend = create_backend(settings, "kubernetes")
-    async with Storage(settings.storage, settings.storage_options) as storage:
-        return await _ensure_with(backend, settings, spec, storage, on_line)
+    try:
+        spec = await resolve_spec(spec, settings, resources or Resources(), backend, lines)
+        async with Storage(settings.storage, settings.storage_options) as storage:
+            return await _materialise(backend, settings, spec, storage, lines)
+    finally:
+        if backend is not None:
+            await backend.aclose()
 
 
 async def prune_environments(
@@ -1216,30 +1230,58 @@ async def prepare(job: Any, storage: Storage, backend: Any, on_line: Callable[[s
     offering ``ensure_environment(settings, spec, storage, on_line) -> Environment``;
     otherwise, or with ``build="local"``, the environment is built on this machine.
     """
-    spec: EnvironmentSpec = job.environment_spec
+    spec = await resolve_spec(job.environment_spec, job.settings, job.resources, backend, on_line)
+    environment = await _materialise(backend, job.settings, spec, storage, on_line)
+    if environment.image is not None:  # registry mode: the pod runs the image itself
+        return dataclasses.replace(job, environment_spec=spec, environment=environment)
+    url = await fetch_url(storage, environment.archive)
+    return dataclasses.replace(
+        job, environment_spec=spec, environment=environment, environment_url=url
+    )
+
+
+async def resolve_spec(
+    spec: EnvironmentSpec,
+    settings: Settings,
+    resources: Any,
+    backend: Any,
+    on_line: Callable[[str], None],
+) -> EnvironmentSpec:
+    """The spec a call with ``resources`` on ``backend`` really runs: with the cluster's
+    default index (when the user named none) and, for torch on GPU nodes whose GPU
+    Feature Discovery labels give their driver, the CUDA index that driver runs (PyPI's
+    default torch is built for the newest CUDA). Calls and ``ascend env build`` both come
+    here, so an environment built ahead is the one calls use."""
+    if spec.is_host:
+        return spec
     defaults = getattr(backend, "cluster_defaults", None)
-    if defaults is not None and not spec.is_host:
-        spec = with_cluster_defaults(spec, job.settings, await defaults(job.settings))
-        job = dataclasses.replace(job, environment_spec=spec)
+    if defaults is not None:
+        spec = with_cluster_defaults(spec, settings, await defaults(settings))
     cuda = getattr(backend, "cuda_driver_major", None)
-    if cuda is not None and not spec.is_host and wants_torch_index(spec):
-        # Nodes with GPU Feature Discovery labels say their driver: torch's CUDA build
-        # must be one that driver runs (PyPI's default is built for the newest CUDA).
-        major = await cuda(job)
+    if cuda is not None and wants_torch_index(spec):
+        major = await cuda(resources, settings)
         url = torch_cuda_index(major) if major is not None else None
         if url is not None:
             on_line(f"torch: the target nodes' driver is {major}: using {url}")
             spec = with_extra_index(spec, url)
-            job = dataclasses.replace(job, environment_spec=spec)
-    if job.settings.registry and not spec.is_host:
+    return spec
+
+
+async def _materialise(
+    backend: Any,
+    settings: Settings,
+    spec: EnvironmentSpec,
+    storage: Storage,
+    on_line: Callable[[str], None],
+) -> Environment:
+    """The environment of ``spec``, found or built: an image in the registry (registry
+    mode), else an archive in the storage (built in the cluster or here)."""
+    if settings.registry and not spec.is_host:
         from ascend import _registry
 
-        pushed = await _registry.ensure_image(spec, job.settings.registry, on_line)
-        environment = Environment(spec, "", "", 0, built=pushed.uploaded > 0, image=pushed.ref)
-        return dataclasses.replace(job, environment=environment)
-    environment = await _ensure_with(backend, job.settings, spec, storage, on_line)
-    url = await fetch_url(storage, environment.archive)
-    return dataclasses.replace(job, environment=environment, environment_url=url)
+        pushed = await _registry.ensure_image(spec, settings.registry, on_line)
+        return Environment(spec, "", "", 0, built=pushed.uploaded > 0, image=pushed.ref)
+    return await _ensure_with(backend, settings, spec, storage, on_line)
 
 
 # -- Kubernetes: the pod's command and the build Job (pure functions) ------------------

@@ -9,6 +9,7 @@ default, so no pod ever reaches PyPI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -171,8 +172,14 @@ def test_builds_use_the_clusters_index_when_the_user_names_none(
         "--from-literal=index_url=none", f"--from-literal=find_links={index_url}",
     )  # fmt: skip
     try:
+        # Built ahead (`ascend env build`): the same environment the call then uses.
+        ahead = asyncio.run(_environments.build_environment(ascend.configure(), [TEST_PACKAGE]))
+        [build] = _build_jobs(on_cluster)
         fut = ascend.remote(requirements=[TEST_PACKAGE])(uses_test_package)()
         assert fut.result(timeout=600) == TEST_VALUE
+        [still] = _build_jobs(on_cluster)
+        assert still["metadata"]["uid"] == build["metadata"]["uid"]
+        assert build["metadata"]["labels"][_environments.LABEL_ENV_KEY] == ahead.key[:63]
     finally:
         on_cluster.kubectl(
             "delete", "configmap", "ascend-defaults", "-n", on_cluster.namespace, check=False

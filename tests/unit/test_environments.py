@@ -693,8 +693,8 @@ class _GpuCluster:
         self.major = major
         self.built: list[EnvironmentSpec] = []
 
-    async def cuda_driver_major(self, job: Any) -> int | None:
-        return self.major
+    async def cuda_driver_major(self, resources: Any, settings: Any) -> int | None:
+        return self.major if resources.gpu else None
 
     async def ensure_environment(self, settings: Any, spec: EnvironmentSpec, *_: Any) -> Any:
         self.built.append(spec)
@@ -771,3 +771,30 @@ def test_the_runner_is_told_its_timeout_and_the_pod_deadline_adds_startup_timeou
     assert env[protocol.ENV_RUN_TIMEOUT] == "2.5"
     manifest = job_manifest(job, session="s")
     assert manifest["spec"]["template"]["spec"]["activeDeadlineSeconds"] == 63  # ceil(62.5)
+
+
+class _LabelledCluster(_GpuCluster):
+    """A GPU cluster that also publishes default package sources (the ascend-defaults
+    ConfigMap)."""
+
+    async def cluster_defaults(self, settings: Any) -> dict[str, str]:
+        return {"extra_index_url": "https://mirror.example/simple"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("gpu", "extra"), [(1, ("https://download.pytorch.org/whl/cu124",)), (0, ())]
+)
+async def test_env_build_and_calls_resolve_one_spec_from_the_clusters_defaults_and_driver(
+    gpu: int, extra: tuple[str, ...]
+) -> None:
+    """What ``ascend env build --gpu`` builds is what a call with ``gpu=`` runs: the
+    cluster's index, and torch's CUDA index for GPU nodes only."""
+    settings = _config.resolve({"storage": "file:///tmp/unused"})
+    spec = spec_for(settings, ["torch==2.6"], platform="linux/amd64")
+    lines: list[str] = []
+    resolved = await _environments.resolve_spec(
+        spec, settings, Resources.build(gpu=gpu), _LabelledCluster(550), lines.append
+    )
+    assert resolved.extra_index_urls == tuple(sorted(("https://mirror.example/simple", *extra)))
+    assert bool(lines) is bool(extra)  # the choice of CUDA index is said

@@ -26,7 +26,7 @@ from ascend._cli._common import (
     with_output,
 )
 from ascend._errors import AscendError
-from ascend._resources import _requirements
+from ascend._resources import Resources, _requirements
 
 app = typer.Typer(help="Environments built from requirements (docs/environments.md).")
 
@@ -62,12 +62,20 @@ def build(
     ),
     base_image: str | None = typer.Option(None, help="the image environments start from"),
     platform: str | None = typer.Option(None, help="linux/amd64 (default) or linux/arm64"),
+    gpu: str | None = typer.Option(
+        None,
+        help="the calls' gpu= (2, H100, A100-80GB:2, H100,A100): torch then resolves against "
+        "the CUDA index of those nodes' driver, as the calls' environment does",
+    ),
+    node_type: str | None = typer.Option(None, help="the calls' node_type="),
 ) -> None:
     """Build the environment for these requirements (nothing if it exists), streaming the
-    build's output; prints its key."""
+    build's output; prints its key. The environment is the one calls with the same
+    requirements (and --gpu/--node-type) use."""
     st = state(ctx)
     try:
         settings = st.settings()
+        resources = Resources.build(gpu=_gpu(gpu), node_type=node_type)
         single = requirements[0] if len(requirements) == 1 else None
         given: Any = single if single is not None and Path(single).is_file() else requirements
         normalised = _requirements(given)
@@ -78,6 +86,7 @@ def build(
                 base_image=base_image,
                 platform=platform,
                 local=local or None,
+                resources=resources,
                 on_line=None if st.json else (lambda line: typer.echo(f"[build] {line}")),
             )
         )
@@ -94,6 +103,15 @@ def build(
             "built": env.built,
         },
     )
+
+
+def _gpu(value: str | None) -> int | str | list[str]:
+    """``--gpu`` as ``gpu=`` takes it: a count, a product (``H100:2``), or a list."""
+    if value is None:
+        return 0
+    if value.isdigit():
+        return int(value)
+    return value.split(",") if "," in value else value
 
 
 @app.command("list")

@@ -11,10 +11,10 @@ import anyio
 import pytest
 
 import ascend
+from ascend import _environments
 from ascend._resources import Resources
 from ascend.backends._kubernetes import KubernetesBackend
 from tests.cluster.fixtures_k8s import K8sCluster
-from tests.jobs import a_job
 
 pytestmark = pytest.mark.k8s
 LABEL = "nvidia.com/cuda.driver.major"
@@ -45,12 +45,11 @@ def labelled(on_cluster: K8sCluster) -> Iterator[list[str]]:
 
 def _driver(**options: object) -> int | None:
     settings = ascend.configure()
-    job = a_job(settings, resources=Resources.build(**options))
 
     async def ask() -> int | None:
         backend = KubernetesBackend(settings)
         try:
-            return await backend.cuda_driver_major(job)
+            return await backend.cuda_driver_major(Resources.build(**options), settings)
         finally:
             await backend.aclose()
 
@@ -67,3 +66,24 @@ def test_a_cpu_call_has_no_target_driver(labelled: list[str]) -> None:
 
 def test_unlabelled_gpu_nodes_leave_the_driver_unknown(on_cluster: K8sCluster) -> None:
     assert _driver(gpu=1) is None
+
+
+def test_an_environment_for_gpu_calls_resolves_torch_against_their_drivers_index(
+    labelled: list[str],
+) -> None:
+    """``ascend env build --gpu 1`` and a ``gpu=1`` call share this step: torch resolves
+    against the CUDA index the labelled driver (550) runs."""
+    settings = ascend.configure()
+    spec = _environments.spec_for(settings, ["torch==2.6"], platform="linux/amd64")
+
+    async def resolve(gpu: int) -> tuple[str, ...]:
+        backend = KubernetesBackend(settings)
+        try:
+            resources = Resources.build(gpu=gpu)
+            found = await _environments.resolve_spec(spec, settings, resources, backend, print)
+            return found.extra_index_urls
+        finally:
+            await backend.aclose()
+
+    assert anyio.run(resolve, 1) == ("https://download.pytorch.org/whl/cu124",)
+    assert anyio.run(resolve, 0) == ()

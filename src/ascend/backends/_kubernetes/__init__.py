@@ -45,6 +45,7 @@ from ascend.backends._kubernetes._watch import Informer, involved_job
 
 if TYPE_CHECKING:
     from ascend._environments import Environment, EnvironmentSpec
+    from ascend._resources import Resources
     from ascend._storage import Storage
 
 log = logger
@@ -685,14 +686,14 @@ class KubernetesBackend:
             ns.defaults_read = time.monotonic()
         return ns.defaults
 
-    async def cuda_driver_major(self, job: Job) -> int | None:
-        """The NVIDIA driver major version of the nodes a GPU call could run on (the
-        lowest, from GPU Feature Discovery labels), or ``None``: no GPU asked for, nodes
-        not readable, or one of the target nodes not labelled."""
-        request = _placement.request_of(job.resources, job.settings)
+    async def cuda_driver_major(self, resources: Resources, settings: Settings) -> int | None:
+        """The NVIDIA driver major version of the nodes a GPU call with ``resources``
+        could run on (the lowest, from GPU Feature Discovery labels), or ``None``: no GPU
+        asked for, nodes not readable, or one of the target nodes not labelled."""
+        request = _placement.request_of(resources, settings)
         if not request.choices:
             return None
-        ns = await self._namespace(job.settings)
+        ns = await self._namespace(settings)
         nodes = await ns.nodes()
         return None if nodes is None else _placement.driver_major_of_targets(request, nodes)
 
