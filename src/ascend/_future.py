@@ -120,14 +120,25 @@ class LogStream:
         *,
         follow: bool = True,
         stored: Callable[[], list[str] | None] | None = None,
+        first: Callable[[], _LogBuffer | None] | None = None,
     ) -> None:
         self._buffer = buffer
         self._follow = follow
         # The stored copy, for a stream that ended empty because the call finished just
         # as it was asked for (before its live output could be followed).
         self._stored = stored
+        # Read when iteration starts (a finished item's stored copy, which may need a
+        # storage read): the buffer to iterate instead, or None to keep this one.
+        self._first = first
+
+    def _take_first(self, found: _LogBuffer | None) -> None:
+        self._first = None
+        if found is not None:
+            self._buffer = found
 
     def __iter__(self) -> Iterator[str]:
+        if self._first is not None:
+            self._take_first(self._first())
         position = 0
         while True:
             lines, position, closed = self._buffer.wait_sync(position, None if self._follow else 0)
@@ -138,6 +149,8 @@ class LogStream:
                 return
 
     async def __aiter__(self) -> AsyncIterator[str]:
+        if self._first is not None:  # off this loop: the read may wait for storage
+            self._take_first(await asyncio.to_thread(self._first))
         position = 0
         while True:
             if self._follow:
@@ -475,15 +488,23 @@ class Future(concurrent.futures.Future[T]):
         control = self._control
         if control is None:
             return LogStream(self._log, follow=follow)
-        stored = control.stored_output(self._index)
-        if stored is not None:
+        index = self._index
+
+        def stored_first() -> _LogBuffer | None:
+            # Read when iterated, not here: a storage read must not block an event loop.
+            stored = control.stored_output(index)
+            if stored is None:
+                return None
             self._set_output(stored)
-            return LogStream(self._log, follow=follow)
+            return self._log_buffer
+
         if self.done():
+            return LogStream(self._log, follow=follow, first=stored_first)
+        if stored_first() is not None:  # it just finished (while running: no read at all)
             return LogStream(self._log, follow=follow)
-        control.request_output(self._index)
+        control.request_output(index)
         return LogStream(
-            self._log, follow=follow, stored=functools.partial(control.stored_output, self._index)
+            self._log, follow=follow, stored=functools.partial(control.stored_output, index)
         )
 
     def _set_output(self, lines: list[str]) -> None:

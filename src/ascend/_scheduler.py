@@ -221,6 +221,8 @@ class _JobRun:
             # Published results settle first, all of them, before anything is followed:
             # a stored result always wins over "the first failure cancels the rest".
             await self._collect(await self._published(storage))
+            if attach is not None:
+                await self._followed_output_copies(storage)
             self.settled.set()
             if attach is not None:
                 await attach(job, self)
@@ -240,6 +242,28 @@ class _JobRun:
             for name in names
             if name.endswith(".pkl") and (stem := name.removesuffix(".pkl")).isdigit()
         )
+
+    async def _followed_output_copies(self, storage: Storage) -> None:
+        """The runners' stored copies of a followed (Kubernetes) job's output, one per
+        pod (``{logs}/{pod}.log``), for the units whose items have all published: their
+        pods may be gone, so their logs come from there."""
+        job = self.job
+        try:
+            names = await storage.list(job.paths.logs)
+        except (FileNotFoundError, AscendError):
+            return
+        prefix = f"{job.job_id}-"
+        copies: dict[int, list[str]] = {}
+        for name in sorted(names):
+            if not (name.startswith(prefix) and name.endswith(".log")):
+                continue
+            # An Indexed Job's pods are named {job}-{index}-{suffix}.
+            index, _, rest = name.removeprefix(prefix).partition("-")
+            number = int(index) if rest and index.isdigit() else 0
+            copies.setdefault(number, []).append(f"{job.paths.logs}/{name}")
+        for unit in job.units:
+            if unit.index in copies and all(self._futures[i].done() for i in unit.items):
+                self.output_copies(unit.items, copies[unit.index])
 
     def _local_output_copies(self) -> None:
         """A detached local runner's output file is the stored copy of its items' output

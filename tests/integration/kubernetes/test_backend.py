@@ -404,8 +404,16 @@ def test_a_100_item_map_is_one_indexed_job_with_failures_in_place(on_cluster: K8
     assert list(mf.futures[5].logs()) == ["point 5"]
 
 
+@ascend.remote
+def fails_or_waits(x: int) -> int:
+    if x == 17:
+        raise ValueError(f"bad point {x}")
+    time.sleep(600)  # still running when item 17 fails: there is work to stop
+    return x
+
+
 def test_a_map_without_return_exceptions_stops_at_the_first_failure(on_cluster: K8sCluster) -> None:
-    mf = grid_point.map([1, 2, 17, 3])
+    mf = fails_or_waits.map([1, 2, 17, 3])
     with pytest.raises(ValueError, match="bad point 17"):
         mf.result(timeout=300)
     wait_until(lambda: not _jobs(on_cluster, mf.job_id), 60, "the map's Job to be deleted")
