@@ -11,8 +11,10 @@ from blockbuster import BlockBuster, blockbuster_ctx
 # happens once per process: loading the settings and the signing key on first use.
 # Opening a cloud filesystem reads the SDK's config files once per store (botocore).
 # Loading a kubeconfig runs kubernetes_asyncio's loader on a loop of its own in a worker
-# thread, never on ascend's loop.
+# thread, never on ascend's loop. The uv version a build pod installs and the source of
+# the runner's bootstrap and builder (the pods' commands) are read once per process.
 _FIRST_USE_READS = [
+    ("ascend/_environments.py", {"uv_requirement", "_source"}),
     ("ascend/_storage.py", {"_filesystem"}),
     ("ascend/backends/_kubernetes/_client.py", {"_load_configuration"}),
     ("ascend/_serialization.py", {"_load_or_create_key"}),
