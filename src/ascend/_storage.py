@@ -16,6 +16,7 @@ Layout under the configured ``storage`` URL::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -253,18 +254,7 @@ class Storage:
         if hasattr(fs, "_call_s3") and data.nbytes > 2 * _PART_SIZE:
             await self._s3_multipart(fs, url, data)
             return
-        if not isinstance(fs, AsyncFileSystemWrapper):
-            await self.write(url, [data])
-            return
-        staging = f"{url}.{secrets.token_hex(6)}.partial"
-        await self.write(staging, [data])
-        try:
-            await anyio.to_thread.run_sync(
-                fs.sync_fs.mv, self._path(fs, staging), self._path(fs, url)
-            )
-        except Exception as exc:
-            await self.delete(staging)
-            raise StorageError(f"cannot write {url}: {exc!r}") from exc
+        await self.write(url, [data])  # a local file is written aside and renamed
 
     async def _s3_multipart(self, fs: Any, url: str, data: memoryview) -> None:
         """Upload a large buffer in parts, copying only the parts in flight (botocore
@@ -404,10 +394,19 @@ def _joined(parts: Sequence[Buffer]) -> Buffer:
 
 
 def _write_parts(fs: Any, path: str, parts: Sequence[Buffer]) -> None:
+    """Write aside, then rename into place: a reader sees the whole object or none, as
+    with an object store's PUT (a ``meta.json`` read while it is written is never empty)."""
     fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        for part in parts:
-            f.write(part)
+    staging = f"{path}.{secrets.token_hex(6)}.partial"
+    try:
+        with fs.open(staging, "wb") as f:
+            for part in parts:
+                f.write(part)
+        fs.mv(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.rm(staging)
+        raise
 
 
 def _read_all(fs: Any, path: str) -> Buffer:
