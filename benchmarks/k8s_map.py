@@ -32,6 +32,7 @@ import psutil
 
 import ascend
 from ascend import _scheduler
+from ascend.backends._kubernetes._spec import default_image
 from benchmarks._k8s import client_api_requests, metric
 from benchmarks._report import write
 from tests.cluster.shared import Shared
@@ -182,6 +183,9 @@ def _measure(cluster: Any, store: Any, workdir: Path) -> dict[str, Any]:
         storage_secret=secret,
         stream_logs=False,
         progress=False,
+        image=default_image(),  # the suite's runner image, as the e2e tests use
+        # Hundreds of calls wait for CPU on two small nodes: busy, not impossible.
+        unschedulable_grace=3600,
     )
     metrics = cluster.control_plane.metrics
     store_log = workdir / "moto.log"
