@@ -34,18 +34,8 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         storage = tmp_path_factory.mktemp("contract-storage")
         ascend.configure(backend="local", storage=storage.as_uri())
         return "local"
-    from tests.cluster.fixtures_k8s import SUITE_RUNNER_IMAGE
-
-    cluster: K8sCluster = request.getfixturevalue("k8s_cluster")
     request.getfixturevalue("clean_jobs")
-    ascend.configure(
-        backend="kubernetes",
-        kubeconfig=str(cluster.kubeconfig),
-        namespace=cluster.namespace,
-        unschedulable_grace=2,
-        image=SUITE_RUNNER_IMAGE,
-        **cluster.storage_settings(tmp_path_factory),
-    )
+    request.getfixturevalue("on_cluster")  # configured as every Kubernetes test is
     return "kubernetes"
 
 
