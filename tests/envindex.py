@@ -147,16 +147,18 @@ def repack_with_dependencies(names: Iterable[str], folder: Path) -> list[Path]:
     return out
 
 
-def wheel_index(folder: Path, *, with_uv: bool = False) -> Path:
-    """The find-links folder described in the module docstring; ``with_uv`` adds a
-    wheel of the installed uv, for build pods that install it with pip."""
+def wheel_index(folder: Path, *, with_build_tools: bool = False) -> Path:
+    """The find-links folder described in the module docstring; ``with_build_tools``
+    adds the installed uv and oras-py (with its dependencies), which build pods install
+    with pip (oras-py for pushing an environment image)."""
     folder.mkdir(parents=True, exist_ok=True)
     source = f"VALUE = {TEST_VALUE!r}\n".encode()
     write_wheel(folder, TEST_PACKAGE, "1.0", {f"{TEST_MODULE}/__init__.py": source})
     for dist in RUNNER_DEPS:
         repack_installed(dist, folder)
-    if with_uv:
+    if with_build_tools:
         repack_installed("uv", folder)
+        repack_with_dependencies(["oras"], folder)
     return folder
 
 

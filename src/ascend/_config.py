@@ -25,6 +25,7 @@ from ascend._errors import ConfigError
 
 BACKENDS = ("local", "kubernetes")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+_DNS_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")  # a Secret's name
 
 
 def _cache_home() -> Path:
@@ -99,6 +100,10 @@ class Settings:
             (environment build and fetch, scheduling, image pull); ``timeout`` is apart.
         registry: ``host[:port]/repository`` (``http://`` prefix without TLS): Kubernetes
             environments become OCI images pushed there instead of archives in storage.
+        registry_secret: the name of a ``kubernetes.io/dockerconfigjson`` Secret in the
+            namespace with credentials for ``registry``: build Jobs push with it, pods
+            pull with it (``imagePullSecrets``). Default: none (a registry that needs
+            no credentials from the cluster).
     """
 
     backend: str = "local"
@@ -129,6 +134,7 @@ class Settings:
     build: str = "cluster"
     startup_timeout: float = 900.0
     registry: str | None = None
+    registry_secret: str | None = None
     termination_grace: float = 5.0
 
     def __post_init__(self) -> None:
@@ -186,6 +192,13 @@ class Settings:
         startup = self.startup_timeout
         if not isinstance(startup, int | float) or isinstance(startup, bool) or startup <= 0:
             raise ConfigError(f"startup_timeout must be positive seconds, not {startup!r}.")
+        secret = self.registry_secret
+        if secret is not None and (not isinstance(secret, str) or not _DNS_NAME.match(secret)):
+            raise ConfigError(
+                f"registry_secret {secret!r} is not a Secret name. Fix: name the "
+                "kubernetes.io/dockerconfigjson Secret (lowercase letters, digits, '-' and "
+                "'.'), e.g. created by `kubectl create secret docker-registry NAME ...`."
+            )
         if self.stream_logs not in (True, False, "failed"):
             raise ConfigError(
                 f"stream_logs must be True, False or 'failed', not {self.stream_logs!r}."
@@ -303,6 +316,7 @@ _ENV = {
     "build": "ASCEND_BUILD",
     "startup_timeout": "ASCEND_STARTUP_TIMEOUT",
     "registry": "ASCEND_REGISTRY",
+    "registry_secret": "ASCEND_REGISTRY_SECRET",
     "termination_grace": "ASCEND_TERMINATION_GRACE",
 }
 

@@ -1098,6 +1098,7 @@ def spec_for_call(settings: Settings, resources: Any, backend: str) -> Environme
         _source(_bootstrap)
         _source(_envbuild)
         uv_requirement()
+        tool_requirement("oras")
     return spec_for(settings, resources.requirements, base_image=base_image, platform=platform)
 
 
@@ -1275,10 +1276,15 @@ async def _materialise(
     on_line: Callable[[str], None],
 ) -> Environment:
     """The environment of ``spec``, found or built: an image in the registry (registry
-    mode), else an archive in the storage (built in the cluster or here)."""
+    mode), else an archive in the storage; built by a build Job in the cluster (a
+    backend's ``ensure_image``/``ensure_environment``, ``build="cluster"``) or here."""
     if settings.registry and not spec.is_host:
         from ascend import _registry
 
+        in_cluster = getattr(backend, "ensure_image", None)
+        if in_cluster is not None and settings.build == "cluster":
+            image: str = await in_cluster(settings, spec, storage, on_line)
+            return Environment(spec, "", "", 0, image=image)
         pushed = await _registry.ensure_image(spec, settings.registry, on_line)
         return Environment(spec, "", "", 0, built=pushed.uploaded > 0, image=pushed.ref)
     return await _ensure_with(backend, settings, spec, storage, on_line)
@@ -1336,49 +1342,96 @@ def pip_index_args(spec: EnvironmentSpec) -> list[str]:
 
 
 @functools.cache
-def uv_requirement() -> str:
-    """The uv the build pod installs: this machine's version when known."""
+def tool_requirement(name: str) -> str:
+    """A build tool (``uv``, ``oras``) as the build pod installs it: this machine's
+    version when known, so a build in the cluster behaves as one here."""
     try:
-        return f"uv=={importlib.metadata.version('uv')}"
+        return f"{name}=={importlib.metadata.version(name)}"
     except importlib.metadata.PackageNotFoundError:
-        return "uv"
+        return name
+
+
+def uv_requirement() -> str:
+    """The uv the build pod installs."""
+    return tool_requirement("uv")
 
 
 def build_request(
-    spec: EnvironmentSpec, *, runner: str, archive: str, manifest: str, failure: str
+    spec: EnvironmentSpec,
+    *,
+    runner: str,
+    failure: str | None,
+    archive: str | None = None,
+    manifest: str | None = None,
+    registry: str | None = None,
 ) -> dict[str, Any]:
-    """What the build pod does (``ASCEND_BUILD``, see :mod:`ascend_runner._envbuild`);
-    the locations are paths or presigned URLs."""
+    """What the build pod does (``ASCEND_BUILD``, see :mod:`ascend_runner._envbuild`):
+    publish an archive to ``archive`` and ``manifest`` (paths or presigned URLs), or,
+    with ``registry``, push an image tagged with the key. ``failure`` is where a failed
+    build leaves its log (``None``: only in the pod's output)."""
     requirements, constraints = build_inputs(spec)
-    return {
-        "pip": [*pip_index_args(spec), uv_requirement()],
+    tools = [uv_requirement()]
+    request: dict[str, Any] = {
+        "pip": pip_index_args(spec),
+        "tools": tools,
         "uv": uv_options(spec),
         "requirements": requirements,
         "constraints": constraints,
         "runner": runner,
-        "archive": archive,
-        "manifest": manifest,
         "failure": failure,
-        "manifest_body": {"key": spec.key, "spec": spec.to_json(), "builder": BUILDER_VERSION},
     }
+    if registry is not None:
+        tools.append(tool_requirement("oras"))
+        request["image"] = {
+            "registry": registry,
+            "key": spec.key,
+            "base_image": spec.base_image,
+            "base_digest": spec.base_digest,
+        }
+    else:
+        request["archive"] = archive
+        request["manifest"] = manifest
+        request["manifest_body"] = {
+            "key": spec.key,
+            "spec": spec.to_json(),
+            "builder": BUILDER_VERSION,
+        }
+    return request
+
+
+def image_build_job_name(key: str, registry: str) -> str:
+    """One name per environment image and registry (apart from the archive's build)."""
+    digest = hashlib.sha256(f"{registry}#{key}".encode()).hexdigest()
+    return f"ascend-img-{digest[:40]}"
+
+
+REGISTRY_AUTH_DIR: Final = "/var/run/ascend/registry-auth"
 
 
 def build_job_manifest(
-    spec: EnvironmentSpec, request: dict[str, Any], *, startup_timeout: float
+    spec: EnvironmentSpec,
+    request: dict[str, Any],
+    *,
+    startup_timeout: float,
+    name: str | None = None,
+    registry_secret: str | None = None,
 ) -> dict[str, Any]:
-    """The ``batch/v1`` Job that builds ``spec`` in the cluster.
+    """The ``batch/v1`` Job that builds ``spec`` in the cluster (named ``name``, default
+    :func:`build_job_name`).
 
     It passes the ``restricted`` Pod Security profile (non-root uid 10001, no privilege
     escalation, no capabilities, ``RuntimeDefault`` seccomp, no service account token),
     runs once (``backoffLimit: 0``: a failed build is reported, not retried blindly),
     within ``startup_timeout`` (``activeDeadlineSeconds``), on the base image itself.
+    ``registry_secret`` (a ``kubernetes.io/dockerconfigjson`` Secret) is mounted
+    read-only as the pod's Docker config: the push credentials of an image build.
     """
     labels = {
         "app.kubernetes.io/managed-by": "ascend",
         LABEL_COMPONENT: "env-build",
         LABEL_ENV_KEY: spec.key[:63],
     }
-    container = {
+    container: dict[str, Any] = {
         "name": BUILD_CONTAINER,
         "image": image_ref(spec),
         "imagePullPolicy": "IfNotPresent",
@@ -1398,10 +1451,25 @@ def build_job_manifest(
             "runAsNonRoot": True,
         },
     }
+    pod_volumes: list[dict[str, Any]] = []
+    if registry_secret is not None:
+        pod_volumes.append(
+            {
+                "name": "registry-auth",
+                "secret": {
+                    "secretName": registry_secret,
+                    "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
+                },
+            }
+        )
+        container["volumeMounts"] = [
+            {"name": "registry-auth", "mountPath": REGISTRY_AUTH_DIR, "readOnly": True}
+        ]
+        container["env"].append({"name": "DOCKER_CONFIG", "value": REGISTRY_AUTH_DIR})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": build_job_name(spec.key), "labels": labels},
+        "metadata": {"name": name or build_job_name(spec.key), "labels": labels},
         "spec": {
             "backoffLimit": 0,
             "ttlSecondsAfterFinished": BUILD_TTL,
@@ -1419,6 +1487,7 @@ def build_job_manifest(
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "containers": [container],
+                    **({"volumes": pod_volumes} if pod_volumes else {}),
                 },
             },
         },

@@ -61,3 +61,18 @@ def cloud_store(request: pytest.FixtureRequest) -> stores.Store:
 def store_prefix(cloud_store: stores.Store) -> str:
     """A fresh folder URL in the current cloud store."""
     return f"{cloud_store.url}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stores.Registry]:
+    """A registry that asks every request for Basic auth (htpasswd); its credentials are
+    in ``credentials`` and ``docker_config()``."""
+    workdir = tmp_path_factory.mktemp("store-private-registry")
+    hostenv.add_address(hostenv.SERVICE_ADDRESS)
+    service = stores.start_registry(workdir, host=hostenv.SERVICE_ADDRESS, private=True)
+    try:
+        yield service
+    finally:
+        service.stop()
+        if not hostenv.cluster_running():
+            hostenv.remove_address(hostenv.SERVICE_ADDRESS)

@@ -12,8 +12,12 @@ never into options. ``python -m tests.cluster.stores`` starts them all until Ctr
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
+import secrets
+import socket
 import shutil
 import subprocess
 import sys
@@ -63,9 +67,26 @@ class Store:
 class Registry:
     url: str
     process: Process = field(repr=False)
+    credentials: tuple[str, str] | None = None
+    """``(user, password)`` when the registry asks for Basic auth (htpasswd)."""
 
     def stop(self) -> None:
         self.process.stop()
+
+    def docker_config(self, folder: Path) -> Path:
+        """A Docker ``config.json`` with this registry's credentials in ``folder`` (the
+        file ``docker login`` writes; ``DOCKER_CONFIG=folder`` points clients at it)."""
+        assert self.credentials is not None, "this registry needs no credentials"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "config.json"
+        path.write_text(json.dumps(docker_config_json(self.url, *self.credentials)))
+        return path
+
+
+def docker_config_json(host: str, user: str, password: str) -> dict[str, Any]:
+    """The body of a Docker config / ``kubernetes.io/dockerconfigjson`` Secret."""
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"auths": {host: {"username": user, "password": password, "auth": auth}}}
 
 
 def _tools_dir() -> Path:
@@ -234,26 +255,58 @@ def _registry_binary() -> Path:
     return binary
 
 
-def start_registry(workdir: Path, host: str = "127.0.0.1") -> Registry:
+def start_registry(
+    workdir: Path,
+    host: str = "127.0.0.1",
+    *,
+    private: bool = False,
+    storage: Path | None = None,
+) -> Registry:
     """Debian's distribution registry on ``host`` (the suite's own address when pods pull
-    from it)."""
+    from it). ``private``: every request needs Basic auth (htpasswd, a fresh random
+    password in ``credentials``); ``storage``: serve another registry's folder (the same
+    images behind other doors)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(host)
     config = workdir / "registry.yml"
-    storage = workdir / "registry-data"
+    storage = storage or workdir / "registry-data"
     storage.mkdir(parents=True, exist_ok=True)
-    config.write_text(
+    text = (
         "version: 0.1\n"
         "log:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
         f"http:\n  addr: {host}:{port}\n"
     )
+    credentials = None
+    if private:
+        import bcrypt
+
+        credentials = ("ascend-pusher", secrets.token_urlsafe(16))
+        hashed = bcrypt.hashpw(credentials[1].encode(), bcrypt.gensalt(rounds=5)).decode()
+        htpasswd = workdir / "htpasswd"
+        htpasswd.write_text(f"{credentials[0]}:{hashed}\n")
+        text += f"auth:\n  htpasswd:\n    realm: ascend-test\n    path: {htpasswd}\n"
+    config.write_text(text)
     process = Process(
         "registry", [str(_registry_binary()), "serve", str(config)], workdir / "registry.log"
     )
     process.start()
-    wait_http(f"http://{host}:{port}/v2/", process, timeout=60)
-    return Registry(f"{host}:{port}", process)
+    if private:  # /v2/ answers 401 until logged in: wait for the port instead
+        _wait_port(host, port, process)
+    else:
+        wait_http(f"http://{host}:{port}/v2/", process, timeout=60)
+    return Registry(f"{host}:{port}", process, credentials)
+
+
+def _wait_port(host: str, port: int, process: Process, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.running:
+            raise RuntimeError(f"{process.name} exited during start-up:\n{process.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=2):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{process.name} not listening on {host}:{port}:\n{process.log_tail()}")
 
 
 STARTERS = {"s3": start_s3, "gcs": start_gcs, "azure": start_azure, "registry": start_registry}

@@ -22,7 +22,7 @@ from tests.envindex import (
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return wheel_index(tmp_path_factory.mktemp("contract-wheels"), with_uv=True)
+    return wheel_index(tmp_path_factory.mktemp("contract-wheels"), with_build_tools=True)
 
 
 @pytest.fixture

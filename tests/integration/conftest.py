@@ -14,7 +14,7 @@ from blockbuster import BlockBuster, blockbuster_ctx
 # thread, never on ascend's loop. The uv version a build pod installs and the source of
 # the runner's bootstrap and builder (the pods' commands) are read once per process.
 _FIRST_USE_READS = [
-    ("ascend/_environments.py", {"uv_requirement", "_source"}),
+    ("ascend/_environments.py", {"tool_requirement", "_source"}),
     ("ascend/_storage.py", {"_filesystem"}),
     ("ascend/backends/_kubernetes/_client.py", {"_load_configuration"}),
     ("ascend/_serialization.py", {"_load_or_create_key"}),

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return wheel_index(tmp_path_factory.mktemp("wheels"), with_uv=True)
+    return wheel_index(tmp_path_factory.mktemp("wheels"), with_build_tools=True)
 
 
 @pytest.fixture
@@ -239,10 +239,16 @@ def test_concurrent_builds_from_several_processes_cause_one_build(
 
 
 def _run_build_pod_script(
-    settings: _config.Settings, requirements: list[str], work: Path
+    settings: _config.Settings,
+    requirements: list[str],
+    work: Path,
+    *,
+    registry: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], _environments.EnvironmentSpec]:
     """Run the build Job's script the way its pod does — a plain interpreter, nothing of
-    ascend importable, the request in ``ASCEND_BUILD`` — with storage paths for URLs."""
+    ascend importable, the request in ``ASCEND_BUILD`` — with storage paths for URLs;
+    with ``registry``, an image build that pushes there (``env``: e.g. DOCKER_CONFIG)."""
     from ascend_runner import _envbuild
     from ascend_runner._storage import local_path
 
@@ -255,22 +261,28 @@ def _run_build_pod_script(
     def where(url: str) -> str:
         return str(local_path(url))
 
-    request = _environments.build_request(
-        spec,
-        runner=str(runner),
-        archive=where(paths.archive),
-        manifest=where(paths.manifest),
-        failure=where(paths.failure),
-    )
+    if registry is None:
+        request = _environments.build_request(
+            spec,
+            runner=str(runner),
+            archive=where(paths.archive),
+            manifest=where(paths.manifest),
+            failure=where(paths.failure),
+        )
+    else:
+        request = _environments.build_request(
+            spec, runner=str(runner), failure=where(paths.failure), registry=registry
+        )
     # The base interpreter, as a stock image has it: pip, and nothing of ascend.
     python = getattr(sys, "_base_executable", sys.executable)
-    env = {"ASCEND_BUILD": json.dumps(request), "HOME": str(work), "PATH": "/usr/bin:/bin"}
+    pod_env = {"ASCEND_BUILD": json.dumps(request), "HOME": str(work), "PATH": "/usr/bin:/bin"}
+    pod_env.update(env or {})
     has_pip = subprocess.run([python, "-I", "-c", "import pip"], check=False).returncode == 0
     if not has_pip:  # then uv comes from this machine instead of the index
-        env["ASCEND_UV"] = _environments.uv_binary()
+        pod_env["ASCEND_UV"] = _environments.uv_binary()
     done = subprocess.run(
         [python, "-I", "-c", Path(_envbuild.__file__).read_text()],
-        env=env,
+        env=pod_env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -84,7 +84,7 @@ def test_a_pod_with_a_registry_environment_runs_its_image_by_digest() -> None:
 def index_url(k8s_cluster: K8sCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The suite's wheel index (the test package, the runner's dependencies, uv) served
     over HTTP where pods can reach it."""
-    folder = wheel_index(tmp_path_factory.mktemp("cluster-wheels"), with_uv=True)
+    folder = wheel_index(tmp_path_factory.mktemp("cluster-wheels"), with_build_tools=True)
     repack_with_dependencies(["s3fs"], folder)  # the runner's S3 extra
     with serve(folder, suite_address(k8s_cluster)) as url:
         yield url

@@ -14,8 +14,10 @@ import anyio
 import pytest
 
 from ascend import _config, _environments, _registry
+from ascend._errors import ImageBuildError
 from tests.cluster.stores import Registry
 from tests.envindex import TEST_PACKAGE, wheel_index, write_wheel
+from tests.integration.test_environments import _run_build_pod_script
 
 pytestmark = [pytest.mark.stores, pytest.mark.slow]
 
@@ -25,7 +27,7 @@ SMALL_PACKAGE = "ascend-envtest-small"
 
 @pytest.fixture(scope="session")
 def registry_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = wheel_index(tmp_path_factory.mktemp("registry-wheels"))
+    folder = wheel_index(tmp_path_factory.mktemp("registry-wheels"), with_build_tools=True)
     heavy = {f"nvidia_envtest_heavy/lib{i}.so": bytes([i]) * 200_000 for i in range(3)}
     write_wheel(folder, HEAVY_PACKAGE, "1.0", {**heavy, "nvidia_envtest_heavy/__init__.py": b""})
     write_wheel(folder, SMALL_PACKAGE, "1.0", {"ascend_envtest_small/__init__.py": b"X = 1\n"})
@@ -34,7 +36,7 @@ def registry_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _push_base_image(registry: Registry, work: Path) -> list[str]:
     """A tiny stand-in for python:3.11-slim, where a docker.io mirror keeps it."""
-    session = _registry._Session(_registry.Target.parse(f"http://{registry.url}/library/python"))
+    session = _registry._session(_registry.parse_target(f"http://{registry.url}/library/python"))
     tree = work / "base-tree"
     (tree / "etc").mkdir(parents=True, exist_ok=True)
     (tree / "etc" / "base-release").write_text("base image file\n")
@@ -91,7 +93,7 @@ def test_an_environment_is_pushed_as_the_base_image_plus_its_layers(
     spec = _spec([TEST_PACKAGE, HEAVY_PACKAGE])
     pushed = anyio.run(_registry.ensure_image, spec, registry)
     assert pushed.ref.startswith(registry.removeprefix("http://") + "@sha256:")
-    session = _registry._Session(_registry.Target.parse(registry))
+    session = _registry._session(_registry.parse_target(registry))
     manifest = session.manifest("ascend-envs", pushed.ref.rsplit("@", 1)[1])
     digests = [layer["digest"] for layer in manifest["layers"]]
     assert digests == [*base_layers, *pushed.layers]
@@ -131,3 +133,79 @@ def test_changing_a_small_requirement_pushes_only_the_small_layer(
     assert (heavy2, runner2) == (heavy, runner)
     assert deps2 != deps
     assert second.uploaded == 2  # the changed layer and the new config; nothing else
+
+
+# -- the build pod's push (its script, run as the pod runs it) --------------------------
+
+
+def _tagged_layers(registry: str, key: str) -> list[str]:
+    session = _registry._session(_registry.parse_target(registry))
+    manifest = session.manifest(_registry.parse_target(registry).repository, key)
+    return [layer["digest"] for layer in manifest["layers"]]
+
+
+def test_the_build_pod_pushes_the_same_layers_as_a_build_on_this_machine(
+    target: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """Built in a pod or on a laptop, the same environment is the same bytes: the pod's
+    script installs oras-py from the index, layers the environment and pushes it."""
+    registry, base_layers = target
+    requirements = [TEST_PACKAGE, HEAVY_PACKAGE]
+    done, spec = _run_build_pod_script(
+        _config.current(), requirements, tmp_path / "pod", registry=registry
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ascend-build: pushing layer" in done.stdout  # the push is in the pod's log
+    pod_layers = _tagged_layers(registry, spec.key)
+    here = anyio.run(_registry.ensure_image, spec, registry.replace("ascend-envs", "envs-here"))
+    assert pod_layers == [*base_layers, *here.layers]
+    assert len(here.layers) == 3  # the heavy package, the rest, the runner
+
+
+def test_the_build_pod_pushes_to_a_private_registry_with_the_docker_config_it_is_given(
+    private_registry: Registry,
+    registry_wheels: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Secret mounted into a build pod is a Docker config: with it the push goes
+    through; without it the registry's refusal fails the build, saying so — not blaming
+    the requirements — and so does this client's own lookup."""
+    config = private_registry.docker_config(tmp_path / "docker")
+    monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
+    base_layers = _push_base_image(private_registry, tmp_path)
+    registry = f"http://{private_registry.url}/ascend-envs"
+    settings = _config.resolve({"index_url": "none", "find_links": str(registry_wheels)})
+    done, spec = _run_build_pod_script(
+        settings,
+        [TEST_PACKAGE],
+        tmp_path / "pod",
+        registry=registry,
+        env={"DOCKER_CONFIG": str(config.parent)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = anyio.run(_registry.find_image, spec, registry)
+    assert found is not None and found.ref.startswith(f"{private_registry.url}/ascend-envs@")
+    assert _tagged_layers(registry, spec.key)[: len(base_layers)] == base_layers
+
+    refused, other = _run_build_pod_script(
+        settings, [TEST_PACKAGE, SMALL_PACKAGE], tmp_path / "pod-without", registry=registry
+    )
+    assert refused.returncode == 1
+    assert "pushing the image failed" in refused.stdout
+    assert f"registry {private_registry.url}" in refused.stdout
+    failure = json.loads(
+        (
+            Path(settings.storage.removeprefix("file://"))
+            / "envs"
+            / "sha256"
+            / f"{other.key}.failed"
+        ).read_text()
+    )
+    assert failure["message"].startswith("pushing the image failed")
+    assert "docker login" in failure["message"]
+
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "nobody"))
+    monkeypatch.setenv("HOME", str(tmp_path / "nobody"))
+    with pytest.raises(ImageBuildError, match="refused.*docker login"):
+        anyio.run(_registry.find_image, spec, registry)

@@ -328,8 +328,85 @@ def test_build_pod_installs_uv_from_the_configured_indexes() -> None:
     spec = _spec(["tqdm"], index_url="none", find_links="http://10.0.0.1:8000/wheels/")
     request = _environments.build_request(spec, runner="r", archive="a", manifest="m", failure="f")
     assert request["pip"][:3] == ["--no-index", "--find-links", "http://10.0.0.1:8000/wheels/"]
-    assert request["pip"][-1].startswith("uv")
+    assert [t.split("==")[0] for t in request["tools"]] == ["uv"]
     assert "--no-index" in request["uv"]
+
+
+def test_an_image_build_installs_oras_too_and_pushes_instead_of_publishing() -> None:
+    spec = _spec(["tqdm"], base_image="python:3.11-slim@sha256:" + "b" * 64)
+    request = _environments.build_request(
+        spec, runner="r", failure=None, registry="http://reg:5000/envs"
+    )
+    assert [t.split("==")[0] for t in request["tools"]] == ["uv", "oras"]
+    assert request["image"] == {
+        "registry": "http://reg:5000/envs",
+        "key": spec.key,
+        "base_image": "python:3.11-slim",
+        "base_digest": "sha256:" + "b" * 64,
+    }
+    assert "archive" not in request and "manifest_body" not in request
+
+
+def test_an_image_build_job_mounts_the_registry_secret_as_its_docker_config() -> None:
+    spec = _spec(["tqdm"])
+    request = _environments.build_request(spec, runner="r", failure=None, registry="reg/envs")
+    name = _environments.image_build_job_name(spec.key, "reg/envs")
+    job = _environments.build_job_manifest(
+        spec, request, startup_timeout=900, name=name, registry_secret="push-creds"
+    )
+    assert job["metadata"]["name"] == name != _environments.build_job_name(spec.key)
+    assert len(name) <= 63
+    assert name != _environments.image_build_job_name(spec.key, "other/envs")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"] == [
+        {
+            "name": "registry-auth",
+            "secret": {
+                "secretName": "push-creds",
+                "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
+            },
+        }
+    ]
+    [container] = pod["containers"]
+    [mount] = container["volumeMounts"]
+    assert mount["readOnly"] is True
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["DOCKER_CONFIG"] == mount["mountPath"]
+    # Still the restricted profile: a Secret volume is allowed, a hostPath is not.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    without = _environments.build_job_manifest(spec, request, startup_timeout=900)
+    assert "volumes" not in without["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(
+    ("challenge", "backend"),
+    [
+        ('Basic realm="ascend-test"', "basic"),
+        ('Bearer realm="https://ghcr.io/token",service="ghcr.io"', "token"),
+        ("", "token"),
+    ],
+)
+def test_the_registry_auth_flow_follows_its_challenge(challenge: str, backend: str) -> None:
+    from ascend_runner import _oci
+
+    assert _oci.auth_scheme(challenge) == backend
+
+
+def test_credentials_come_from_docker_config_when_it_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ascend_runner import _oci
+
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    assert _oci.docker_configs() == []
+    monkeypatch.setenv("DOCKER_CONFIG", "/var/run/ascend/registry-auth")
+    assert _oci.docker_configs() == ["/var/run/ascend/registry-auth/config.json"]
+
+
+@pytest.mark.parametrize("name", ["Has_Upper", "-x", "a" * 254, ""])
+def test_a_registry_secret_that_is_no_secret_name_is_refused(name: str) -> None:
+    with pytest.raises(ascend.ConfigError, match="registry_secret"):
+        _config.Settings(registry_secret=name)
 
 
 def test_build_pod_trusts_the_plain_http_indexes_it_was_given() -> None:
@@ -422,7 +499,7 @@ def test_a_registry_without_a_repository_is_refused(value: str) -> None:
     from ascend import _registry
 
     with pytest.raises(ascend.ConfigError, match="host\\[:port\\]/repository"):
-        _registry.Target.parse(value)
+        _registry.parse_target(value)
 
 
 def test_a_base_image_in_another_registry_is_refused_naming_the_mirror_fix() -> None:

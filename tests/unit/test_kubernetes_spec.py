@@ -52,3 +52,11 @@ def test_a_placements_labels_and_claims_reach_the_job_and_its_pods() -> None:
     template = manifest["spec"]["template"]
     assert template["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert template["spec"]["resourceClaims"][0]["name"] == "gpu"
+
+
+def test_a_registry_secret_becomes_the_pods_image_pull_secret() -> None:
+    plain = job_manifest(_job(), session="s")["spec"]["template"]["spec"]
+    assert "imagePullSecrets" not in plain
+    settings = Settings(storage="file:///tmp/unused", registry_secret="pull-creds")
+    spec = job_manifest(_job(settings), session="s")["spec"]["template"]["spec"]
+    assert spec["imagePullSecrets"] == [{"name": "pull-creds"}]

@@ -3,18 +3,24 @@
 Standard library only: the build pod runs the base image's own ``python -c`` with this
 source. ``ASCEND_BUILD`` (JSON) says what to do:
 
-- ``pip``: arguments for ``python -m pip install --target <dir> <uv requirement>``
-  (the index options), so uv itself comes from the cluster's package index (unless
-  the image has ``uv`` on its PATH, or ``$ASCEND_UV`` names one);
+- ``pip``: the index options of ``python -m pip install --target <dir> <tools>``, so
+  the build's tools come from the cluster's package index;
+- ``tools``: the requirements of those tools: ``uv==X`` (left out when the image has
+  ``uv`` on its PATH, or ``$ASCEND_UV`` names one), and ``oras==Y`` for an image;
 - ``uv``: the ``uv pip install`` arguments (without target, requirements, constraints);
 - ``requirements``, ``constraints``: the files' text;
 - ``runner``: where to fetch the runner's source archive (path or HTTPS URL);
-- ``archive``, ``manifest``, ``failure``: where to publish (path or presigned PUT URL);
-- ``manifest_body``: the manifest, completed here with the archive's sha256 and size.
+- ``failure``: where to publish a failure (path, presigned PUT URL, or null: none);
+- archive mode: ``archive``, ``manifest``: where to publish (path or presigned PUT
+  URL); ``manifest_body``: the manifest, completed here with the archive's sha256 and
+  size. The archive is written before the manifest, so the manifest's presence means
+  the environment exists;
+- image mode: ``image`` (``registry``, ``key``, ``base_image``, ``base_digest``): the
+  environment is layered and pushed by :mod:`ascend_runner._oci` (credentials from
+  ``$DOCKER_CONFIG``), tagged with its key, so the tag's presence means it exists.
 
-The archive is written before the manifest, so the manifest's presence means the
-environment exists. A failed build publishes ``failure`` (message, log tail) and exits 1.
-Every line of pip's and uv's output is printed, so it reaches the client as pod logs.
+A failed build publishes ``failure`` (message, log tail) and exits 1. Every line of
+pip's and uv's output is printed, so it reaches the client as pod logs.
 """
 
 import contextlib
@@ -185,17 +191,20 @@ def run(command: list[str], tail: "deque[str]") -> int:
 
 
 def build(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Install, pack and publish; returns the manifest. Raises RuntimeError on failure."""
+    """Install, then pack and publish (archive mode) or layer and push (image mode);
+    returns the manifest. Raises RuntimeError on failure."""
     tail: deque[str] = deque(maxlen=TAIL)
     # A base image that has uv (or $ASCEND_UV) is used as is; a stock one gets it by pip.
     uv = os.environ.get("ASCEND_UV") or shutil.which("uv")
-    if not uv:
-        tools = work / "uv"
+    wanted = [t for t in spec["tools"] if not (uv and t.split("=")[0] == "uv")]
+    tools = work / "tools"
+    if wanted:
         pip = [sys.executable, "-m", "pip", "install", "--no-cache-dir"]
-        pip += ["--disable-pip-version-check", "--target", str(tools), *spec["pip"]]
+        pip += ["--disable-pip-version-check", "--target", str(tools), *spec["pip"], *wanted]
         if run(pip, tail) != 0:
-            raise RuntimeError("installing uv in the build pod failed\n" + "\n".join(tail))
-        uv = str(tools / "bin" / "uv")
+            names = " and ".join(t.split("=")[0] for t in wanted)
+            raise RuntimeError(f"installing {names} in the build pod failed\n" + "\n".join(tail))
+    uv = uv or str(tools / "bin" / "uv")
     (work / "requirements.txt").write_text(spec["requirements"])
     (work / "constraints.txt").write_text(spec["constraints"])
     target = work / "env"
@@ -211,6 +220,8 @@ def build(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             tar.extractall(target, filter="data")
         else:  # pragma: no cover - Python < 3.11.4
             tar.extractall(target)  # noqa: S202 (our own archive, fetched by digest)
+    if "image" in spec:
+        return push_image(spec["image"], target, work, tools)
     archive = work / "env.tar.gz"
     with archive.open("wb") as out:
         digest, _, size = pack(target, sorted_entries(target), out)
@@ -220,6 +231,29 @@ def build(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     publish(spec["manifest"], json.dumps(manifest, indent=2, sort_keys=True).encode())
     print(f"ascend-build: published {digest} ({size} bytes)", flush=True)
     return manifest
+
+
+def push_image(image: dict[str, Any], folder: Path, work: Path, tools: Path) -> dict[str, Any]:
+    """Layer ``folder`` and push it as the environment's image (the runner's
+    :mod:`ascend_runner._oci` from ``folder``, oras-py from ``tools``)."""
+    sys.path[:0] = [str(folder), str(tools)]
+    from ascend_runner import _oci
+
+    try:
+        session = _oci.Session(_oci.Target.parse(image["registry"]))
+        pushed = _oci.push_environment(
+            session,
+            folder,
+            work,
+            base_image=image["base_image"],
+            base_digest=image["base_digest"],
+            key=image["key"],
+            on_line=lambda line: print(f"ascend-build: {line}", flush=True),
+        )
+    except (_oci.RegistryError, _oci.RegistrySettingError) as exc:
+        raise RuntimeError(f"pushing the image failed: {exc}") from exc
+    print(f"ascend-build: pushed {pushed.ref} ({pushed.uploaded} blobs uploaded)", flush=True)
+    return {"image": pushed.ref}
 
 
 def main() -> None:
@@ -233,7 +267,8 @@ def main() -> None:
         print(f"ascend-build: failed: {message}", flush=True)
         body = {"message": message, "requirement": None, "log": log or text}
         try:
-            publish(spec["failure"], json.dumps(body).encode())
+            if spec.get("failure"):
+                publish(spec["failure"], json.dumps(body).encode())
         except Exception as publish_error:
             print(f"ascend-build: cannot publish the failure: {publish_error!r}", flush=True)
         sys.exit(1)

@@ -697,6 +697,20 @@ class KubernetesBackend:
         nodes = await ns.nodes()
         return None if nodes is None else _placement.driver_major_of_targets(request, nodes)
 
+    async def ensure_image(
+        self,
+        settings: Settings,
+        spec: EnvironmentSpec,
+        storage: Storage,
+        on_line: Callable[[str], None],
+    ) -> str:
+        """Find or build and push an environment image in the cluster (registry mode,
+        see ``_envbuild``); returns ``host/repository@sha256:...``."""
+        from ascend.backends._kubernetes._envbuild import ensure_image_in_cluster
+
+        ns = await self._namespace(settings)
+        return await ensure_image_in_cluster(ns.api, ns.namespace, settings, spec, storage, on_line)
+
     async def ensure_environment(
         self,
         settings: Settings,

@@ -158,7 +158,8 @@ def job_manifest(
       against ``max_preemptions``), and ``podReplacementPolicy: Failed`` so a replacement
       pod starts only once the one it replaces has stopped and freed its GPUs;
     - a restricted Pod Security profile: non-root, no privilege escalation, no
-      capabilities, ``RuntimeDefault`` seccomp.
+      capabilities, ``RuntimeDefault`` seccomp;
+    - ``registry_secret``, when set, as the pod's ``imagePullSecrets``.
     """
     r = job.resources
     meta_labels = labels(job, session)
@@ -208,6 +209,8 @@ def job_manifest(
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
     }
+    if job.settings.registry_secret:  # the registry's pull credentials (environment images)
+        pod_spec["imagePullSecrets"] = [{"name": job.settings.registry_secret}]
     if r.timeout is not None:
         pod_spec["activeDeadlineSeconds"] = pod_deadline(job)
     if placement is None:
