@@ -112,6 +112,9 @@ class Cluster:
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="ascend-testcluster-"))
         self.control_plane = ControlPlane(self.data_dir, node_grace=node_grace)
         self.registry: Registry | None = None
+        # The same images behind Basic auth (set by start()): pushes and pulls need the
+        # credentials it holds, as a private registry of a real cluster does.
+        self.private_registry: Registry | None = None
         self._images: list[str] = []
         self._host_lock: IO[str] | None = None
         self.host_before: dict[str, Any] = {}
@@ -158,9 +161,16 @@ class Cluster:
             self.data_dir / "registry", host=hostenv.SERVICE_ADDRESS
         )
         self._images = list(images.push_all(self.registry.url))
+        self.private_registry = stores.start_registry(
+            self.data_dir / "registry-private",
+            host=hostenv.SERVICE_ADDRESS,
+            private=True,
+            storage=self.data_dir / "registry" / "registry-data",
+        )
         self.storage = stores.start_s3(self.data_dir / "s3", host=hostenv.SERVICE_ADDRESS)
         mirrors = {r: self.registry.url for r in ("docker.io", "ghcr.io", "registry.k8s.io")}
         mirrors[self.registry.url] = self.registry.url  # itself, over plain HTTP (env images)
+        mirrors[self.private_registry.url] = self.private_registry.url
         pki_dir = self.data_dir / "pki"
         for index, (name, (_, _, gpus, instance_type, taints)) in enumerate(
             TOPOLOGY.items(), start=1
@@ -261,7 +271,7 @@ class Cluster:
         try:
             for node in self.nodes.values():
                 node.destroy()
-            for service in (self.storage, self.registry):
+            for service in (self.storage, self.registry, self.private_registry):
                 if service is not None:
                     service.stop()
             self.control_plane.stop()

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -317,6 +318,109 @@ def test_a_call_runs_on_its_environment_image_in_registry_mode(
     )["items"]  # fmt: skip
     image = pods[0]["spec"]["containers"][0]["image"]
     assert "/ascend-envs@sha256:" in image
+
+
+@pytest.fixture
+def private_registry_on_cluster(
+    on_cluster: K8sCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, Any]]:
+    """The cluster's private registry (Basic auth; the same images as the mirror): this
+    client logged in through ``DOCKER_CONFIG``, and a ``kubernetes.io/dockerconfigjson``
+    Secret ``registry-push`` with the same credentials in the namespace. Yields the
+    ``registry`` setting and the registry."""
+    from tests.cluster.stores import docker_config_json
+
+    if on_cluster.cluster is None or on_cluster.cluster.private_registry is None:
+        pytest.skip("the private registry is the suite's own test cluster's (not kind's)")
+    private = on_cluster.cluster.private_registry
+    config = private.docker_config(tmp_path / "docker")
+    monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
+    _secret(on_cluster, "registry-push", docker_config_json(private.url, *private.credentials))
+    try:
+        yield f"http://{private.url}/ascend-envs-{os.getpid()}", private
+    finally:
+        on_cluster.kubectl(
+            "delete", "secret", "registry-push", "registry-wrong", "-n", on_cluster.namespace,
+            "--ignore-not-found", check=False,
+        )  # fmt: skip
+
+
+def _secret(cluster: K8sCluster, name: str, config: dict[str, Any]) -> None:
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": cluster.namespace},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": json.dumps(config)},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+
+def _image_build_jobs(cluster: K8sCluster) -> list[dict[str, Any]]:
+    return [j for j in _build_jobs(cluster) if j["metadata"]["name"].startswith("ascend-img-")]
+
+
+@pytest.mark.slow
+def test_a_call_runs_on_an_image_built_and_pushed_in_the_cluster_to_a_private_registry(
+    private_registry_on_cluster: tuple[str, Any], on_cluster: K8sCluster
+) -> None:
+    """Registry mode, built in the cluster (the default): a build Job pushes the image
+    with the registry_secret's credentials; the pod pulls it with them (imagePullSecrets,
+    since the registry refuses anonymous pulls); a second call builds nothing."""
+    registry, private = private_registry_on_cluster
+    ascend.configure(registry=registry, registry_secret="registry-push")
+    fn = ascend.remote(requirements=[TEST_PACKAGE])(uses_test_package)
+    fut = fn()
+    assert fut.result(timeout=600) == TEST_VALUE
+    [build] = _image_build_jobs(on_cluster)
+    pod = build["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["secret"]["secretName"] == "registry-push"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert any("pushing layer" in line for line in fut.logs())  # the build's output
+    [runner_pod] = json.loads(
+        on_cluster.kubectl(
+            "get", "pods", "-n", on_cluster.namespace,
+            "-l", f"ascend.dev/job-id={fut.job_id}", "-o", "json",
+        ).stdout
+    )["items"]  # fmt: skip
+    image = runner_pod["spec"]["containers"][0]["image"]
+    assert image.startswith(f"{private.url}/ascend-envs-") and "@sha256:" in image
+    assert runner_pod["spec"]["imagePullSecrets"] == [{"name": "registry-push"}]
+    # Cached: the tag exists, so the second call creates no build Job.
+    uid = build["metadata"]["uid"]
+    assert fn().result(timeout=600) == TEST_VALUE
+    assert [j["metadata"]["uid"] for j in _image_build_jobs(on_cluster)] == [uid]
+
+
+@pytest.mark.slow
+def test_an_image_build_whose_push_is_refused_fails_the_call_naming_the_registry(
+    private_registry_on_cluster: tuple[str, Any], on_cluster: K8sCluster
+) -> None:
+    from tests.cluster.stores import docker_config_json
+
+    registry, private = private_registry_on_cluster
+    _secret(on_cluster, "registry-wrong", docker_config_json(private.url, "ascend-pusher", "no"))
+    # A repository no other test pushed to: the image does not exist, so it is built.
+    ascend.configure(registry=f"{registry}-refused", registry_secret="registry-wrong")
+    fut = ascend.remote(requirements=[TEST_PACKAGE])(uses_test_package)()
+    with pytest.raises(ascend.ImageBuildError) as caught:
+        fut.result(timeout=600)
+    message = str(caught.value)
+    assert "pushing the image failed" in message
+    assert f"registry {private.url}" in message and "refused" in message
+    assert "registry_secret" in message  # the way out
+    assert caught.value.requirement is None  # the requirements are not at fault
+
+
+def test_a_registry_secret_that_does_not_exist_fails_before_any_build(
+    private_registry_on_cluster: tuple[str, Any], on_cluster: K8sCluster
+) -> None:
+    registry, _ = private_registry_on_cluster
+    ascend.configure(registry=registry, registry_secret="no-such-secret")
+    fut = ascend.remote(requirements=[TEST_PACKAGE])(uses_test_package)()
+    with pytest.raises(ascend.ConfigError, match="no-such-secret.*kubectl create secret"):
+        fut.result(timeout=120)
+    assert _image_build_jobs(on_cluster) == []
 
 
 def test_a_kubelets_startup_probe_holds_startup_timeout_until_the_runner_starts(

@@ -93,6 +93,23 @@ def test_an_image_pull_back_off_is_an_image_pull_error_at_once() -> None:
     assert "registry.invalid/none:1" in str(state.error)
 
 
+@pytest.mark.parametrize("secrets", [[], [{"name": "registry-push"}]])
+def test_a_pull_the_registry_refuses_names_the_credentials(secrets: list[dict[str, str]]) -> None:
+    pod = Recording("image_pull").pod()
+    waiting = pod["status"]["containerStatuses"][0]["state"]["waiting"]
+    waiting["message"] = (
+        'Back-off pulling image "reg:5000/envs@sha256:c1": failed to resolve reference: '
+        "pulling from host reg:5000 failed with status code [manifests sha256:c1]: "
+        "401 Unauthorized"
+    )
+    pod["spec"]["imagePullSecrets"] = secrets
+    error = d.pod_state(pod, call()).error
+    assert isinstance(error, ascend.ImagePullError)
+    assert "registry_secret" in str(error) and "image=... / ASCEND_IMAGE" not in str(error)
+    if secrets:
+        assert "refused the pull Secret registry-push" in str(error)
+
+
 def test_a_first_err_image_pull_is_not_yet_final() -> None:
     pod = Recording("image_pull").pod()
     pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] = "ErrImagePull"

@@ -9,6 +9,8 @@ has been unschedulable) and acts on these verdicts; it decides nothing itself.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal
@@ -152,6 +154,26 @@ def disruption(pod: dict[str, Any]) -> dict[str, Any] | None:
     return true_condition(pod, "DisruptionTarget")
 
 
+_REFUSED = re.compile(r"\b(?:401|403)\b|unauthori[sz]ed|forbidden|denied", re.IGNORECASE)
+
+
+def _pull_fix(pod: dict[str, Any], waiting: dict[str, Any]) -> str:
+    """The way out of a failed pull: the credentials when the registry refused them."""
+    if not _REFUSED.search(str(waiting.get("message", ""))):
+        return "check that image=... / ASCEND_IMAGE names an image the cluster can pull"
+    secrets = [s.get("name", "") for s in pod.get("spec", {}).get("imagePullSecrets") or []]
+    if secrets:
+        return (
+            f"the registry refused the pull Secret {', '.join(secrets)} (registry_secret=...): "
+            "check that its login may pull this repository"
+        )
+    return (
+        "the registry wants credentials: set registry_secret=... to a "
+        "kubernetes.io/dockerconfigjson Secret whose login may pull it (pods list it in "
+        "imagePullSecrets)"
+    )
+
+
 def pod_state(pod: dict[str, Any], call: Call, logs: str = "") -> PodState:
     """What ``pod`` means for the call or item it runs; ``logs`` is its output's tail."""
     name = pod.get("metadata", {}).get("name", "?")
@@ -176,8 +198,7 @@ def pod_state(pod: dict[str, Any], call: Call, logs: str = "") -> PodState:
             "failed",
             ImagePullError(
                 f"{call.where}: pod {name} cannot pull image {image!r}: {waiting['reason']}: "
-                f"{waiting.get('message', '')}. Fix: check that image=... / ASCEND_IMAGE "
-                "names an image the cluster can pull."
+                f"{waiting.get('message', '')}. Fix: {_pull_fix(pod, waiting)}."
             ),
             stuck=True,
         )
