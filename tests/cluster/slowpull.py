@@ -92,6 +92,9 @@ class ThrottlingProxy:
                 client.close()
                 continue
             self._open += [client, upstream]
+            if self._closed:  # close() ran while this connection was being made
+                self.close()
+                return
             threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
             threading.Thread(
                 target=self._pipe, args=(upstream, client, self.throttle), daemon=True
@@ -116,6 +119,7 @@ class ThrottlingProxy:
         return self.throttle.sent
 
     def close(self) -> None:
+        self._closed = True
         for s in self._open:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
@@ -169,11 +173,10 @@ def _random_layer(size: int) -> tuple[bytes, str]:
     as large as that) in ``/opt/slowpull/<random name>``; returns it and its diff_id."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in ((f"opt/slowpull/{uuid.uuid4().hex}.bin", os.urandom(size)),):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo(f"opt/slowpull/{uuid.uuid4().hex}.bin")
+        info.size = size
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(os.urandom(size)))
     tar_bytes = raw.getvalue()
     return gzip.compress(tar_bytes, compresslevel=1, mtime=0), _digest(tar_bytes)
 
