@@ -265,7 +265,7 @@ def test_each_map_item_keeps_its_own_output_tail() -> None:
     assert printed
 
 
-@pytest.mark.parametrize("name", ["succeeded", "exit_code", "oom_killed", "deadline"])
+@pytest.mark.parametrize("name", ["succeeded", "exit_code", "oom_killed", "deadline", "slow_pull"])
 def test_recordings_hold_the_scenarios_own_objects(name: str) -> None:
     rec = Recording(name)
     assert rec.jobs and rec.pods
@@ -279,23 +279,18 @@ def _created(pod: Obj) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
 
-def _container_creating(rec: Recording) -> Obj:
-    """A scheduled pod whose container is being created (its image pulled). Derived
-    from a recorded one (the suite's nodes pull their images at start-up, so no recording
-    catches a pull): a kubelet reports it as ``waiting: {reason: ContainerCreating}``
-    while it pulls."""
-    pod = rec.pod(lambda p: bool(p["spec"].get("nodeName")) and not d.started(p))
-    pod["status"]["containerStatuses"] = [
-        {
-            "name": "runner",
-            "image": "registry.example/big:1",
-            "ready": False,
-            "restartCount": 0,
-            "started": False,
-            "state": {"waiting": {"reason": "ContainerCreating"}},
-        }
-    ]
-    return pod
+def _pulling() -> Obj:
+    """A scheduled pod whose kubelet is pulling its image, as recorded: the suite's nodes
+    hold their images, so the recording pulls a fresh layer through a throttled path to
+    the registry (``tests/cluster/slowpull.py``); meanwhile the kubelet reports the
+    container as ``waiting: {reason: ContainerCreating}``."""
+    return Recording("slow_pull").pod(
+        lambda p: (
+            not p["metadata"].get("deletionTimestamp")
+            and (p["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("waiting")
+            == {"reason": "ContainerCreating"}
+        )
+    )
 
 
 def startup(seconds: float, **options: Any) -> d.Call:
@@ -338,12 +333,16 @@ def test_the_startup_deadline_counts_from_the_pods_creation() -> None:
     assert d.startup_deadline(pod, 7) == _created(pod) + 7
 
 
-def test_a_pod_still_creating_its_container_is_a_startup_timeout_naming_the_image() -> None:
-    pod = _container_creating(Recording("succeeded"))
-    error = d.startup_verdict(pod, startup(60), _created(pod) + 61)
+def test_a_pod_still_pulling_its_image_is_a_startup_timeout_naming_the_image() -> None:
+    pod = _pulling()
+    image = pod["spec"]["containers"][0]["image"]
+    assert d.pod_state(pod, startup(5)).kind == "pending"
+    assert d.startup_verdict(pod, startup(5), _created(pod) + 4.9) is None
+    error = d.startup_verdict(pod, startup(5), _created(pod) + 5)
     assert isinstance(error, ascend.StartupTimeout)
-    assert "ContainerCreating" in str(error) and "registry.example/big:1" in str(error)
-    assert "on node cpu-1" in str(error)
+    assert f"is still ContainerCreating (pulling image {image!r}" in str(error)
+    assert f"on node {pod['spec']['nodeName']}" in str(error)
+    assert "timeout was not touched" in str(error)
 
 
 def test_a_pod_retrying_an_image_pull_past_startup_timeout_names_the_pull_error() -> None:
@@ -378,7 +377,7 @@ def test_a_pod_deadline_after_its_container_ran_is_deadline_exceeded_naming_its_
 
 
 def test_a_pod_deadline_before_its_container_ran_is_a_startup_timeout() -> None:
-    pod = _container_creating(Recording("succeeded"))
+    pod = _pulling()
     pod["status"].update(phase="Failed", reason="DeadlineExceeded")
     state = d.pod_state(pod, startup(60, timeout=2))
     assert isinstance(state.error, ascend.StartupTimeout)
