@@ -36,7 +36,9 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
         Cluster() as cluster,
-        serve(wheel_index(Path(tmp) / "wheels", with_build_tools=True), cluster.suite_address) as wheels,
+        serve(
+            wheel_index(Path(tmp) / "wheels", with_build_tools=True), cluster.suite_address
+        ) as wheels,
     ):
         os.environ["XDG_CONFIG_HOME"] = os.path.join(tmp, "config")
         repack_with_dependencies(["s3fs"], Path(tmp) / "wheels")  # the runner's S3 extra

@@ -17,8 +17,8 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import time

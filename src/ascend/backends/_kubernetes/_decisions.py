@@ -10,7 +10,6 @@ has been unschedulable) and acts on these verdicts; it decides nothing itself.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal
