@@ -79,6 +79,16 @@ def _session(target: Target) -> _oci.Session:
         return _oci.Session(target)
 
 
+def lookup(session: _oci.Session, repository: str, ref: str) -> str | None:
+    """The digest ``ref`` names in ``repository`` (``None``: none), blocking.
+
+    Raises:
+        ImageBuildError: the registry refused the lookup.
+    """
+    with _errors():
+        return session.manifest_digest(repository, ref)
+
+
 def _base_location(spec: envs.EnvironmentSpec, target: Target) -> tuple[str, str]:
     with _errors():
         return _oci.base_location(spec.base_image, spec.base_digest, target)

@@ -366,17 +366,19 @@ def test_a_call_runs_on_an_image_built_and_pushed_in_the_cluster_to_a_private_re
 ) -> None:
     """Registry mode, built in the cluster (the default): a build Job pushes the image
     with the registry_secret's credentials; the pod pulls it with them (imagePullSecrets,
-    since the registry refuses anonymous pulls); a second call builds nothing."""
+    since the registry refuses anonymous pulls); three concurrent calls cause one build;
+    a later call builds nothing."""
     registry, private = private_registry_on_cluster
     ascend.configure(registry=registry, registry_secret="registry-push")
     fn = ascend.remote(requirements=[TEST_PACKAGE])(uses_test_package)
-    fut = fn()
-    assert fut.result(timeout=600) == TEST_VALUE
+    futs = [fn() for _ in range(3)]
+    assert [f.result(timeout=600) for f in futs] == [TEST_VALUE] * 3
     [build] = _image_build_jobs(on_cluster)
     pod = build["spec"]["template"]["spec"]
     assert pod["volumes"][0]["secret"]["secretName"] == "registry-push"
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert any("pushing layer" in line for line in fut.logs())  # the build's output
+    fut = futs[0]
+    assert any("pushing layer" in line for f in futs for line in f.logs())  # build output
     [runner_pod] = json.loads(
         on_cluster.kubectl(
             "get", "pods", "-n", on_cluster.namespace,
@@ -449,3 +451,31 @@ def test_a_kubelets_startup_probe_holds_startup_timeout_until_the_runner_starts(
         assert "the bootstrap is still fetching and unpacking" in str(caught.value)
     finally:
         proxy.close()
+
+
+def test_doctor_checks_the_registry_and_its_secret(
+    private_registry_on_cluster: tuple[str, Any],
+    on_cluster: K8sCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from tests.integration.cli.conftest import ascend_cli
+
+    registry, private = private_registry_on_cluster
+    ascend.configure(registry=registry, registry_secret="registry-push")
+    done = ascend_cli("doctor", "--no-job")
+    checks = {c["name"]: c for c in done.json}
+    assert checks["registry"]["ok"] is True, checks["registry"]
+    assert checks["registry secret"]["ok"] is True, checks["registry secret"]
+
+    ascend.configure(registry_secret="no-such-secret")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "nobody"))  # not logged in
+    monkeypatch.setenv("HOME", str(tmp_path / "nobody"))
+    done = ascend_cli("doctor", "--no-job")
+    assert done.exit_code == 1
+    checks = {c["name"]: c for c in done.json}
+    assert checks["registry secret"]["ok"] is False
+    assert "docker-registry no-such-secret" in checks["registry secret"]["fix"]
+    assert checks["registry"]["ok"] is False
+    assert f"registry {private.url}" in checks["registry"]["detail"]
+    assert "refused" in checks["registry"]["detail"]

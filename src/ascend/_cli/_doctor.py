@@ -7,6 +7,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import anyio
 import typer
 
 from ascend import _config
@@ -112,9 +113,51 @@ async def check_cluster(settings: _config.Settings, signing_secret: str) -> list
                         "create it in the namespace (ascend admin user add --storage-secret)",
                     )
                 )
+        if settings.registry_secret:
+            path = f"/api/v1/namespaces/{namespace}/secrets/{settings.registry_secret}"
+            try:
+                found = await api.request("GET", path)
+                kind = found.get("type")
+                ok = kind == "kubernetes.io/dockerconfigjson"
+                out.append(
+                    Check(
+                        "registry secret",
+                        ok,
+                        f"{settings.registry_secret} exists ({kind})",
+                        "" if ok else "recreate it with `kubectl create secret docker-registry`",
+                    )
+                )
+            except (ApiError, PermissionDenied) as exc:
+                out.append(
+                    Check(
+                        "registry secret",
+                        False,
+                        f"Secret {settings.registry_secret}: {exc}",
+                        "create it: kubectl create secret docker-registry "
+                        f"{settings.registry_secret} --docker-server=... --docker-username=... "
+                        "--docker-password=...",
+                    )
+                )
     finally:
         await api.close()
     return out
+
+
+async def check_registry(settings: _config.Settings) -> Check:
+    """This machine reaches ``registry`` and may read it (environment images are looked
+    up by tag from here)."""
+    from ascend import _registry
+
+    assert settings.registry is not None
+    try:
+        target = _registry.parse_target(settings.registry)
+        session = await anyio.to_thread.run_sync(_registry._session, target)
+        await anyio.to_thread.run_sync(
+            _registry.lookup, session, target.repository, "ascend-doctor-probe"
+        )
+    except AscendError as exc:
+        return Check("registry", False, str(exc).split(". Fix:")[0], "see the message's fix")
+    return Check("registry", True, f"{settings.registry}: reachable, reads allowed")
 
 
 async def check_storage(settings: _config.Settings) -> list[Check]:
@@ -257,6 +300,8 @@ def doctor(
             secret = signing_secret_name(settings.user, signing_key())
             checks += run(check_cluster(settings, secret))
         checks += run(check_storage(settings))
+        if settings.backend == "kubernetes" and settings.registry:
+            checks.append(run(check_registry(settings)))
         if settings.backend == "kubernetes" and (gpu or node_type):
             checks.append(run(check_nodes(settings, gpu, node_type)))
         if job and all(c.ok is not False for c in checks):
