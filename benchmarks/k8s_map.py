@@ -56,10 +56,17 @@ def square(x: int) -> int:
     return x * x
 
 
-@ascend.remote(cpu=POD_CPU)
-def gated(gate: Shared) -> int:
-    gate.wait("gate", interval=0.5)  # in the store: a pod sees no host folder
-    return 1
+def gated_by(gate: Shared) -> Any:
+    """A function that waits for ``gate`` (in the store: a pod sees no host folder). The
+    gate is in the function, pickled once per map, so the items are plain ints and the
+    RSS figure is ascend's per-item cost, not the pickled size of a test-suite object
+    (whose class travels by value: 8.6 KB per item)."""
+
+    def gated(i: int) -> int:
+        gate.wait("gate", interval=0.5)
+        return i
+
+    return ascend.remote(cpu=POD_CPU)(gated)
 
 
 @ascend.remote(cpu=POD_CPU)
@@ -205,7 +212,7 @@ def _measure(cluster: Any, store: Any, workdir: Path) -> dict[str, Any]:
     gate = Shared(f"{store.url}/gates", store.storage_options)
     before = _rss()
     with _Peak(lambda: psutil.Process().memory_info().rss / 2**20, 0.1) as rss:
-        pending = gated.map([gate] * PENDING, max_parallel=2)
+        pending = gated_by(gate).map(range(PENDING), max_parallel=2)
         deadline = time.monotonic() + 900
         while not any(f._status == "running" for f in pending.futures[:2]):
             if time.monotonic() > deadline:
@@ -237,9 +244,10 @@ def report(figures: dict[str, Any]) -> None:
             "bounded by pod starts, not the client",
         ),
         (
-            "client Kubernetes API requests per item, map vs calls",
-            f"{mapped['client_api_requests'] / n:.3f} vs {calls['client_api_requests'] / n:.1f}",
-            "≤ 0.05 vs ≥ 2",
+            f"client Kubernetes API requests: 10-item map, {n}-item map, per call",
+            f"{small['client_api_requests']:.0f}, {mapped['client_api_requests']:.0f}, "
+            f"{calls['client_api_requests'] / n:.1f}",
+            "the same per map whatever its size; ≥ 2 per call",
         ),
         (
             "Jobs created (apiserver_request_total), map vs calls",

@@ -489,12 +489,25 @@ def uv_options(spec: EnvironmentSpec) -> list[str]:
         # Wheels only: sdists would be built for the builder's machine, not the target.
         args += ["--python-version", spec.python]
         args += ["--python-platform", _UV_PLATFORMS[spec.platform], "--no-build"]
+    return args + _index_args(spec, "uv")
+
+
+# How uv and pip spell the spec's package sources.
+_INDEX_FLAGS: Final = {
+    "uv": {"default": "--default-index", "extra": "--index"},
+    "pip": {"default": "--index-url", "extra": "--extra-index-url"},
+}
+
+
+def _index_args(spec: EnvironmentSpec, tool: str) -> list[str]:
+    flags = _INDEX_FLAGS[tool]
+    args = []
     if spec.index_url == "none":
         args.append("--no-index")
     elif spec.index_url:
-        args += ["--default-index", spec.index_url]
+        args += [flags["default"], spec.index_url]
     for url in spec.extra_index_urls:
-        args += ["--index", url]
+        args += [flags["extra"], url]
     for link in spec.find_links:
         args += ["--find-links", link]
     return args
@@ -1322,16 +1335,8 @@ def build_job_name(key: str) -> str:
 
 
 def pip_index_args(spec: EnvironmentSpec) -> list[str]:
-    """pip's spelling of the spec's indexes (the build pod installs uv with pip)."""
-    args = []
-    if spec.index_url == "none":
-        args.append("--no-index")
-    elif spec.index_url:
-        args += ["--index-url", spec.index_url]
-    for url in spec.extra_index_urls:
-        args += ["--extra-index-url", url]
-    for link in spec.find_links:
-        args += ["--find-links", link]
+    """pip's spelling of the spec's indexes (the build pod installs its tools with pip)."""
+    args = _index_args(spec, "pip")
     # pip ignores a plain-HTTP index or link on any host but localhost unless it is
     # trusted (uv uses it as given): the user named it, so trust it the same way.
     urls = [spec.index_url or "", *spec.extra_index_urls, *spec.find_links]
