@@ -1,7 +1,9 @@
 """Environment builds in bucket mode on the local backend: cold against warm.
 
-A small requirement set (a tiny package plus the runner's cloudpickle and fsspec) from
-a local wheel index, so the figures measure ascend and uv, not the network:
+A small requirement set (a tiny package plus the runner's cloudpickle and fsspec) and a
+large one (NumPy, s3fs, cryptography and everything they need, repacked from the
+benchmark's own venv) from a local wheel index, so the figures measure ascend and uv,
+not the network:
 
 - cold build: fresh storage and an empty uv cache (resolve, install, pack, store);
 - cold build, warm uv cache: fresh storage only (what a second project pays);
@@ -24,9 +26,11 @@ import ascend
 from ascend import _config, _environments
 from ascend._storage import Storage
 from benchmarks._report import median_seconds, write
-from tests.envindex import TEST_PACKAGE, wheel_index
+from tests.envindex import TEST_PACKAGE, repack_with_dependencies, wheel_index
 
 COLD = 5
+LARGE = ["numpy", "s3fs", "cryptography"]
+COLD_LARGE = 3
 WARM = 20
 CALLS = 30
 
@@ -49,10 +53,16 @@ def main() -> None:
         wheels = wheel_index(root / "wheels")
         base = dict(index_url="none", find_links=str(wheels), stream_logs=False, progress=False)
 
-        def build(storage: Path, uv_cache: Path) -> _environments.Environment:
+        repack_with_dependencies(LARGE, wheels)
+
+        def build(
+            storage: Path, uv_cache: Path, requirements: list[str] | None = None
+        ) -> _environments.Environment:
             os.environ["UV_CACHE_DIR"] = str(uv_cache)
             settings = _config.resolve({**base, "storage": storage.as_uri()})
-            spec = _environments.spec_for(settings, [TEST_PACKAGE], platform=_environments.HOST)
+            spec = _environments.spec_for(
+                settings, requirements or [TEST_PACKAGE], platform=_environments.HOST
+            )
             store = Storage(settings.storage, {})
             return anyio.run(_environments.ensure, settings, spec, store)
 
@@ -68,6 +78,18 @@ def main() -> None:
             cold_cached.append(time.perf_counter() - start)
             assert env.built
         warm = median_seconds(lambda: build(root / "cached-0", root / "uv-cold-0"), WARM)
+        large_cold, large_cached = [], []
+        for i in range(COLD_LARGE):
+            start = time.perf_counter()
+            large = build(root / f"large-{i}", root / f"uv-large-{i}", LARGE)
+            large_cold.append(time.perf_counter() - start)
+            assert large.built
+            start = time.perf_counter()
+            assert build(root / f"large-cached-{i}", root / f"uv-large-{i}", LARGE).built
+            large_cached.append(time.perf_counter() - start)
+        large_warm = median_seconds(
+            lambda: build(root / "large-0", root / "uv-large-0", LARGE), WARM
+        )
 
         ascend.configure(**base, storage=(root / "calls").as_uri())
         with_env = ascend.remote(requirements=[TEST_PACKAGE])(uses_package)
@@ -92,6 +114,10 @@ def main() -> None:
         "call_with_warm_env_s": call_env,
         "call_without_requirements_s": call_plain,
         "cold_over_warm": statistics.median(cold) / warm,
+        "large_cold_build_s": statistics.median(large_cold),
+        "large_cold_build_warm_uv_cache_s": statistics.median(large_cached),
+        "large_warm_s": large_warm,
+        "large_archive_bytes": large.size,
         "env_call_over_plain_call": call_env / call_plain,
     }
     table = [
@@ -107,6 +133,14 @@ def main() -> None:
             "no build on a cache hit",
         ),
         ("archive size", f"{env.size / 1024:.0f} KiB", "-"),
+        (
+            f"large set ({', '.join(LARGE)} and their dependencies): cold build / warm uv "
+            "cache / environment exists",
+            f"{figures['large_cold_build_s']:.1f} s / "
+            f"{figures['large_cold_build_warm_uv_cache_s']:.1f} s / {large_warm * 1000:.0f} ms",
+            "no build on a cache hit",
+        ),
+        ("large set: archive size", f"{large.size / 2**20:.1f} MiB", "-"),
         (
             "call with a warm environment vs a call without requirements",
             f"{call_env * 1000:.0f} ms vs {call_plain * 1000:.0f} ms "

@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -292,21 +291,10 @@ def start_registry(
     )
     process.start()
     if private:  # /v2/ answers 401 until logged in: wait for the port instead
-        _wait_port(host, port, process)
+        _wait_port(port, process, host)
     else:
         wait_http(f"http://{host}:{port}/v2/", process, timeout=60)
     return Registry(f"{host}:{port}", process, credentials)
-
-
-def _wait_port(host: str, port: int, process: Process, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not process.running:
-            raise RuntimeError(f"{process.name} exited during start-up:\n{process.log_tail()}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=2):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{process.name} not listening on {host}:{port}:\n{process.log_tail()}")
 
 
 STARTERS = {"s3": start_s3, "gcs": start_gcs, "azure": start_azure, "registry": start_registry}

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,7 +338,8 @@ def private_registry_on_cluster(
     monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
     _secret(on_cluster, "registry-push", docker_config_json(private.url, *private.credentials))
     try:
-        yield f"http://{private.url}/ascend-envs-{os.getpid()}", private
+        # A repository of its own: each test builds (or finds) its images afresh.
+        yield f"http://{private.url}/ascend-envs-{uuid.uuid4().hex[:8]}", private
     finally:
         on_cluster.kubectl(
             "delete", "secret", "registry-push", "registry-wrong", "-n", on_cluster.namespace,
@@ -392,6 +394,10 @@ def test_a_call_runs_on_an_image_built_and_pushed_in_the_cluster_to_a_private_re
     uid = build["metadata"]["uid"]
     assert fn().result(timeout=600) == TEST_VALUE
     assert [j["metadata"]["uid"] for j in _image_build_jobs(on_cluster)] == [uid]
+    # The image exists, but the pull Secret named does not: refused before any pod.
+    ascend.configure(registry_secret="no-such-secret")
+    with pytest.raises(ascend.ConfigError, match="no-such-secret"):
+        fn().result(timeout=120)
 
 
 @pytest.mark.slow

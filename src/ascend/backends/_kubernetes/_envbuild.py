@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
@@ -157,11 +158,11 @@ async def _ensure_image(
     registry = settings.registry
     assert registry is not None
     _registry._base_location(spec, _registry.parse_target(registry))  # elsewhere: refused
+    if settings.registry_secret:  # also when the image exists: pods pull with it
+        await _check_secret(api, namespace, settings.registry_secret)
     found = await _registry.find_image(spec, registry)
     if found is not None:
         return found.ref
-    if settings.registry_secret:
-        await _check_secret(api, namespace, settings.registry_secret)
     paths = envs.EnvPaths.of(settings, spec.key)
     try:  # where a failure's log goes; without presigned writes, only the pod's output
         failure: str | None = await envs.write_url(storage, paths.failure)
@@ -200,12 +201,20 @@ async def _ensure_image(
     raise await build.error(spec)
 
 
+_secrets_seen: dict[tuple[str, str], float] = {}
+_SECRET_FRESH: Final = 300.0
+
+
 async def _check_secret(api: Api, namespace: str, secret: str) -> None:
-    """A missing ``registry_secret`` fails at once (the build pod would wait for its
-    volume until ``startup_timeout``); without permission to read Secrets, the check is
-    skipped."""
+    """A missing ``registry_secret`` fails at once (a build pod would wait for its volume
+    until ``startup_timeout``; a kubelet pulls without it and is refused). Once found,
+    not asked again for 5 minutes; without permission to read Secrets, skipped."""
+    seen = _secrets_seen.get((namespace, secret))
+    if seen is not None and time.monotonic() - seen < _SECRET_FRESH:
+        return
     try:
         await api.request("GET", f"/api/v1/namespaces/{namespace}/secrets/{secret}")
+        _secrets_seen[(namespace, secret)] = time.monotonic()
     except PermissionDenied:
         return
     except ApiError as exc:
