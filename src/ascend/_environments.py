@@ -55,7 +55,7 @@ from ascend_runner import _envbuild
 
 log = logger
 
-BUILDER_VERSION: Final = "1"
+BUILDER_VERSION: Final = "2"  # 2: environments carry their modules' bytecode
 """Changes whenever the same spec would build a different environment."""
 HOST: Final = "host"
 """The platform of environments built for (and run by) this machine's own Python."""
@@ -535,7 +535,8 @@ _deterministic_tar = _envbuild.deterministic_tar
 def _pack_file(folder: Path, dest: Path) -> tuple[str, int]:
     """The environment's archive written to ``dest`` (streamed); its sha256 and size."""
     with dest.open("wb") as out:
-        digest, _, size = _envbuild.pack(folder, _envbuild.sorted_entries(folder), out)
+        entries = _envbuild.sorted_entries(folder, bytecode=True)
+        digest, _, size = _envbuild.pack(folder, entries, out)
     return digest, size
 
 
@@ -722,7 +723,9 @@ async def build_archive(
         ConfigError: uv is not installed.
     """
     async with installed(spec, on_line) as target:
-        return await anyio.to_thread.run_sync(_deterministic_tar, target)
+        return await anyio.to_thread.run_sync(
+            functools.partial(_deterministic_tar, target, bytecode=True)
+        )
 
 
 @contextlib.asynccontextmanager
@@ -786,6 +789,9 @@ async def installed(
         if code != 0:
             raise build_error(spec, tail, f"uv exited with code {code}")
         await anyio.to_thread.run_sync(add_runner, target)
+        if spec.is_host or spec.python == "{}.{}".format(*sys.version_info[:2]):
+            # This interpreter's bytecode is the target's (another version's is not).
+            await anyio.to_thread.run_sync(_envbuild.compile_bytecode, target)
         yield target
     finally:
         with anyio.CancelScope(shield=True):

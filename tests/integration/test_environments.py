@@ -4,10 +4,12 @@ fetched and unpacked by the stdlib-only bootstrap, run by a plain interpreter.""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +152,32 @@ async def test_builds_of_the_same_spec_are_byte_identical(storage: Path) -> None
     spec = await _spec(settings)
     first = await _environments.build_archive(spec)
     assert first == await _environments.build_archive(spec)
+
+
+def test_an_environment_carries_unchecked_bytecode_of_its_modules(
+    storage: Path, tmp_path: Path
+) -> None:
+    """Pods cannot write ``__pycache__`` into their environment: it ships compiled, as
+    hash-based pycs that are never checked against their sources (PEP 552 flags 0b01),
+    and an interpreter that may write nothing imports them as they are."""
+    settings = _config.current()
+    spec = anyio.run(_spec, settings)
+    archive = anyio.run(_environments.build_archive, spec)
+    name = f"{TEST_MODULE}/__pycache__/__init__.{sys.implementation.cache_tag}.pyc"
+    env = tmp_path / "env"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        pyc = tar.extractfile(name)
+        assert pyc is not None
+        header = pyc.read(16)
+        tar.extractall(env, filter="data")
+    assert int.from_bytes(header[4:8], "little") == 0b01  # hash-based, unchecked
+    env.chmod(0o555)  # as read-only as an image's root-owned folder
+    code = f"import sys; sys.path.insert(0, {str(env)!r}); import {TEST_MODULE} as m; "
+    code += "print(m.__cached__)"
+    done = subprocess.run(
+        [sys.executable, "-I", "-B", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == str(env / name)
 
 
 @pytest.mark.anyio

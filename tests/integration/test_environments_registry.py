@@ -106,6 +106,8 @@ def test_an_environment_is_pushed_as_the_base_image_plus_its_layers(
     with tarfile.open(fileobj=io.BytesIO(session.blob("ascend-envs", pushed.layers[0]))) as tar:
         names = tar.getnames()
     assert any(n.startswith("opt/ascend/env/nvidia_envtest_heavy/") for n in names)
+    # A module's bytecode travels in its distribution's layer.
+    assert any(n.startswith("opt/ascend/env/nvidia_envtest_heavy/__pycache__/") for n in names)
 
 
 def test_a_second_request_finds_the_image_and_pushes_nothing(

@@ -51,14 +51,24 @@ async def test_a_resumed_stream_that_begins_inside_a_long_line_repeats_and_adds_
     whole = b"a" * 100 + b"b" * 100
     first = [T1 + b" " + whole[:50], whole[50:] + b"\n" + T2 + b" next line\n"]
     resumed = [whole[120:] + b"\n" + T2 + b" next line\n"]
-    api = _Api([first, resumed, resumed])
-    opened = iter([True, True, False])  # running, running, then stopped: drain
+    api = _Api([first, resumed])
+    # Running when the first stream opens; once it has ended, the pod's watch says the
+    # container stopped, and the one draining read resumes inside the long line.
+    states = iter([True])
     output = _Output()
-    await _logs.follow(api, "ns", "pod", output, lambda: next(opened))  # type: ignore[arg-type]
+    await _logs.follow(api, "ns", "pod", output, lambda: next(states, False))  # type: ignore[arg-type]
     assert output.data == whole + b"\nnext line\n"
     assert output.ended
-    assert [q.get("sinceTime") for q in api.queries] == [
-        None,
-        "2026-11-30T23:34:01Z",
-        "2026-11-30T23:34:01Z",
-    ]
+    assert [q.get("sinceTime") for q in api.queries] == [None, "2026-11-30T23:34:01Z"]
+
+
+async def test_a_stream_that_ends_while_running_waits_for_the_stop_not_the_api() -> None:
+    """A follow stream ends when the container stops; until the pod's watch says so the
+    follower reads its own state, not the API: one stream, then one draining read."""
+    line = [T1 + b" only line\n"]
+    api = _Api([line, line])
+    checks = iter([True, True, True, True])  # the watch sees the stop a little later
+    output = _Output()
+    await _logs.follow(api, "ns", "pod", output, lambda: next(checks, False))  # type: ignore[arg-type]
+    assert output.data == b"only line\n"
+    assert len(api.queries) == 2

@@ -100,10 +100,23 @@ def _distribution_files(folder: Path) -> dict[str, set[str]]:
     return out
 
 
+def _source_of(path: str) -> str:
+    """A compiled module's source (``pkg/__pycache__/m.cpython-311.pyc`` ->
+    ``pkg/m.py``), so its bytecode travels in its distribution's layer; else ``path``."""
+    if path.startswith("__pycache__/"):
+        folder, name = "", path.removeprefix("__pycache__/")
+    else:
+        folder, _, name = path.rpartition("/__pycache__/")
+    if not name.endswith(".pyc"):
+        return path
+    module = name.split(".", 1)[0]
+    return f"{folder}/{module}.py" if folder else f"{module}.py"
+
+
 def split_layers(folder: Path, *, heavy_bytes: int = HEAVY_BYTES) -> list[Layer]:
     """The environment in ``folder`` as layers (see the module docstring). Each entry is
     in exactly one layer; a folder goes with the first layer that has a file in it."""
-    entries = _envbuild.sorted_entries(folder)
+    entries = _envbuild.sorted_entries(folder, bytecode=True)
     files = {e for e in entries if not (folder / e).is_dir() or (folder / e).is_symlink()}
     owner: dict[str, str] = {}
     sizes: dict[str, int] = {}
@@ -117,7 +130,7 @@ def split_layers(folder: Path, *, heavy_bytes: int = HEAVY_BYTES) -> list[Layer]
         if path.startswith("ascend_runner/"):
             group = "~runner"
         else:
-            who = owner.get(path)
+            who = owner.get(_source_of(path))
             heavy = who is not None and (HEAVY.match(who) or sizes[who] >= heavy_bytes)
             group = who if heavy and who else "~deps"
         groups.setdefault(group, []).append(path)
