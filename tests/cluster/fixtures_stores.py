@@ -15,12 +15,12 @@ from tests.cluster import hostenv, stores
 
 
 def _start(
-    name: str, tmp_path_factory: pytest.TempPathFactory
+    name: str, tmp_path_factory: pytest.TempPathFactory, **options: object
 ) -> Iterator[stores.Store | stores.Registry]:
     workdir = tmp_path_factory.mktemp(f"store-{name}")
     # Pods reach only the suite's own address, never 127.0.0.1.
     hostenv.add_address(hostenv.SERVICE_ADDRESS)
-    service = stores.STARTERS[name](workdir, host=hostenv.SERVICE_ADDRESS)  # type: ignore[operator]
+    service = stores.STARTERS[name](workdir, host=hostenv.SERVICE_ADDRESS, **options)  # type: ignore[operator]
     try:
         yield service
     finally:
@@ -67,12 +67,4 @@ def store_prefix(cloud_store: stores.Store) -> str:
 def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stores.Registry]:
     """A registry that asks every request for Basic auth (htpasswd); its credentials are
     in ``credentials`` and ``docker_config()``."""
-    workdir = tmp_path_factory.mktemp("store-private-registry")
-    hostenv.add_address(hostenv.SERVICE_ADDRESS)
-    service = stores.start_registry(workdir, host=hostenv.SERVICE_ADDRESS, private=True)
-    try:
-        yield service
-    finally:
-        service.stop()
-        if not hostenv.cluster_running():
-            hostenv.remove_address(hostenv.SERVICE_ADDRESS)
+    yield from _start("registry", tmp_path_factory, private=True)  # type: ignore[misc]
