@@ -1181,14 +1181,9 @@ CLUSTER_DEFAULTS: Final = "ascend-defaults"
 the test suite's index), used unless the user set any index."""
 
 
-def with_cluster_defaults(
-    spec: EnvironmentSpec, settings: Settings, defaults: dict[str, str]
-) -> EnvironmentSpec:
-    """``spec`` with the cluster's index when neither the settings nor a requirements
-    file named one (the key then names the cluster's index: a different environment)."""
-    if not defaults:
-        return spec
-    user_chose = (
+def _user_chose_index(spec: EnvironmentSpec, settings: Settings) -> bool:
+    """Whether the settings or a requirements file named any package source."""
+    return bool(
         settings.index_url
         or settings.extra_index_url
         or settings.find_links
@@ -1196,7 +1191,14 @@ def with_cluster_defaults(
         or spec.extra_index_urls
         or spec.find_links
     )
-    if user_chose:
+
+
+def with_cluster_defaults(
+    spec: EnvironmentSpec, settings: Settings, defaults: dict[str, str]
+) -> EnvironmentSpec:
+    """``spec`` with the cluster's index when neither the settings nor a requirements
+    file named one (the key then names the cluster's index: a different environment)."""
+    if not defaults or _user_chose_index(spec, settings):
         return spec
     return dataclasses.replace(
         spec,
@@ -1275,7 +1277,7 @@ async def resolve_spec(
     if spec.is_host:
         return spec
     defaults = getattr(backend, "cluster_defaults", None)
-    if defaults is not None:
+    if defaults is not None and not _user_chose_index(spec, settings):
         spec = with_cluster_defaults(spec, settings, await defaults(settings))
     cuda = getattr(backend, "cuda_driver_major", None)
     if cuda is not None and wants_torch_index(spec):

@@ -111,6 +111,23 @@ async def find_image(spec: envs.EnvironmentSpec, registry: str) -> PushedImage |
     return await anyio.to_thread.run_sync(find)
 
 
+async def check_base(spec: envs.EnvironmentSpec, registry: str) -> None:
+    """Fail before any build when ``registry`` does not hold the base image.
+
+    Raises:
+        ConfigError: it does not (with the way to mirror it).
+        ImageBuildError: the registry refused the lookup.
+    """
+    target = parse_target(registry)
+    session = await anyio.to_thread.run_sync(_session, target)
+
+    def check() -> None:
+        with _errors():
+            _oci.base_manifest(session, spec.base_image, spec.base_digest)
+
+    await anyio.to_thread.run_sync(check)
+
+
 async def ensure_image(
     spec: envs.EnvironmentSpec,
     registry: str,
@@ -151,6 +168,12 @@ async def _ensure_image(
     existing = await anyio.to_thread.run_sync(find)
     if existing is not None:
         return existing
+
+    def check_base() -> None:  # before the install, which may take minutes
+        with _errors():
+            _oci.base_manifest(session, spec.base_image, spec.base_digest)
+
+    await anyio.to_thread.run_sync(check_base)
     async with envs.installed(spec, on_line) as folder:
 
         def push() -> PushedImage:

@@ -484,4 +484,5 @@ def test_doctor_checks_the_registry_and_its_secret(
     assert "docker-registry no-such-secret" in checks["registry secret"]["fix"]
     assert checks["registry"]["ok"] is False
     assert f"registry {private.url}" in checks["registry"]["detail"]
-    assert "refused" in checks["registry"]["detail"]
+    assert "holds none" in checks["registry"]["detail"]
+    assert "docker login" in checks["registry"]["fix"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+import ascend
 from ascend import _config, _environments, _registry
 from ascend._errors import ImageBuildError
 from tests.cluster.stores import Registry
@@ -209,5 +210,16 @@ def test_the_build_pod_pushes_to_a_private_registry_with_the_docker_config_it_is
 
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "nobody"))
     monkeypatch.setenv("HOME", str(tmp_path / "nobody"))
-    with pytest.raises(ImageBuildError, match="refused.*docker login"):
+    with pytest.raises(ImageBuildError, match="holds none for .*docker login"):
         anyio.run(_registry.find_image, spec, registry)
+
+
+def test_a_base_image_the_registry_lacks_fails_before_the_install(
+    target: tuple[str, list[str]],
+) -> None:
+    registry, _ = target
+    spec = _environments.spec_for(_config.current(), [TEST_PACKAGE], base_image="python:3.99-slim")
+    lines: list[str] = []
+    with pytest.raises(ascend.ConfigError, match="not in .* library/python:3.99-slim.*skopeo"):
+        anyio.run(_registry.ensure_image, spec, registry, lines.append)
+    assert lines == []  # nothing was installed

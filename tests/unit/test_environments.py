@@ -502,6 +502,46 @@ def test_a_registry_without_a_repository_is_refused(value: str) -> None:
         _registry.parse_target(value)
 
 
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("http://127.0.0.1:5000/Bad_Repo", "not an OCI repository name"),
+        ("ghcr.io/org//envs", "not an OCI repository name"),
+        ("ftp://host/envs", "host\\[:port\\]/repository"),
+    ],
+)
+def test_a_registry_whose_repository_no_registry_accepts_is_refused_up_front(
+    value: str, named: str
+) -> None:
+    from ascend import _registry
+
+    with pytest.raises(ascend.ConfigError, match=named):
+        _registry.parse_target(value)
+    assert _registry.parse_target("http://127.0.0.1:5000/my-org/ascend_envs.v2").insecure
+
+
+def test_the_clusters_index_is_not_read_when_the_user_named_one() -> None:
+    """Reading the namespace's ascend-defaults needs the cluster; a build whose index
+    the user named needs nothing from it (a laptop off the VPN can build)."""
+    import anyio
+
+    class Backend:
+        reads = 0
+
+        async def cluster_defaults(self, settings: object) -> dict[str, str]:
+            Backend.reads += 1
+            return {"index_url": "http://cluster-mirror/simple"}
+
+    named = _config.resolve({"index_url": "https://mirror.internal/simple"})
+    spec = _environments.spec_for(named, ["tqdm"])
+    resolved = anyio.run(_environments.resolve_spec, spec, named, Resources(), Backend(), print)
+    assert resolved == spec and Backend.reads == 0
+    unnamed = _config.resolve({})
+    spec = _environments.spec_for(unnamed, ["tqdm"])
+    resolved = anyio.run(_environments.resolve_spec, spec, unnamed, Resources(), Backend(), print)
+    assert resolved.index_url == "http://cluster-mirror/simple" and Backend.reads == 1
+
+
 def test_a_base_image_in_another_registry_is_refused_naming_the_mirror_fix() -> None:
     from ascend import _registry
 

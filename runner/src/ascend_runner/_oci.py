@@ -62,6 +62,12 @@ _ACCEPT: Final = [
 ]
 
 
+# The OCI distribution spec's repository name.
+_REPOSITORY: Final = re.compile(
+    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
+)
+
+
 class RegistryError(RuntimeError):
     """The registry refused or failed a request (the message names it and the fix)."""
 
@@ -234,14 +240,22 @@ class Target:
         """Raises:
         RegistrySettingError: not ``[http://]host[:port]/repository``."""
         insecure = value.startswith("http://")
+        scheme_ok = "://" not in value or value.startswith(("http://", "https://"))
         rest = value.split("://", 1)[1] if "://" in value else value
         host, _, repository = rest.partition("/")
-        if not host or not repository:
+        if not scheme_ok or not host or not repository:
             raise RegistrySettingError(
                 f"registry {value!r} must be 'host[:port]/repository' (prefix 'http://' for "
                 "a registry without TLS), e.g. 'ghcr.io/my-org/ascend-envs'."
             )
-        return cls(host, repository.rstrip("/"), insecure)
+        repository = repository.rstrip("/")
+        if not _REPOSITORY.fullmatch(repository):
+            raise RegistrySettingError(
+                f"registry {value!r}: {repository!r} is not an OCI repository name. Fix: use "
+                "lowercase letters, digits and '.', '_', '-' between them, and '/' between "
+                "path parts, e.g. 'my-org/ascend-envs'."
+            )
+        return cls(host, repository, insecure)
 
     def ref(self, tag_or_digest: str) -> str:
         sep = "@" if tag_or_digest.startswith("sha256:") else ":"
@@ -332,9 +346,9 @@ class Session:
                     response = self.registry.do_request(url, method, **kwargs)
                 else:
                     response = request(self.registry, url, method, **kwargs)
-            # oras-py: ValueError "Cannot respond to request for authentication."; its
-            # Basic backend without credentials: AttributeError.
-            except (ValueError, AttributeError) as exc:
+            except AttributeError as exc:  # oras-py's Basic backend without credentials
+                raise RegistryError(self._denied(what, None)) from exc
+            except ValueError as exc:  # oras-py: "Cannot respond to request for authentication."
                 raise RegistryError(self._denied(what, f"no credentials accepted: {exc}")) from exc
             except OSError as exc:  # requests' connection errors
                 if attempt == _ATTEMPTS - 1:
@@ -348,12 +362,19 @@ class Session:
             time.sleep(1 + attempt)
         raise AssertionError("unreachable")
 
-    def _denied(self, what: str, answer: str) -> str:
+    def _denied(self, what: str, answer: str | None) -> str:
+        """``answer`` ``None``: no credentials for this registry were found at all."""
+        where = " or ".join([*docker_configs(), "~/.docker/config.json"])
+        said = (
+            f"asks for credentials, and {where} holds none for {self.target.host}"
+            if answer is None
+            else f"was refused ({answer})"
+        )
         return (
-            f"registry {self.target.host}: {what} was refused ({answer}). Fix: log in "
-            f"(`docker login {self.target.host}` writes ~/.docker/config.json; a build pod "
-            "reads the Secret named by registry_secret), and check that the account may "
-            f"push to {self.target.repository}."
+            f"registry {self.target.host}: {what} {said}. Fix: log in (`docker login "
+            f"{self.target.host}` writes ~/.docker/config.json; DOCKER_CONFIG names the "
+            "folder of another config.json; a build pod reads the Secret named by "
+            f"registry_secret), and check that the account may push to {self.target.repository}."
         )
 
     def _check(self, response: Any, what: str, ok: tuple[int, ...]) -> None:
@@ -482,6 +503,27 @@ def base_location(base_image: str, base_digest: str | None, target: Target) -> t
     return repository, base_digest or tag or "latest"
 
 
+def base_manifest(session: Session, base_image: str, base_digest: str | None) -> dict[str, Any]:
+    """The base image's manifest in the target registry.
+
+    Raises:
+        RegistrySettingError: the registry does not hold the base image (with the fix).
+        RegistryError: the registry refused.
+    """
+    target = session.target
+    repository, ref = base_location(base_image, base_digest, target)
+    if session.manifest_digest(repository, ref) is None:
+        sep = "@" if ref.startswith("sha256:") else ":"
+        raise RegistrySettingError(
+            f"the base image {base_image!r} is not in {target.host} as {repository}{sep}{ref}: "
+            "registry mode builds on base layers in the same registry. Fix: mirror it "
+            f"there (e.g. `skopeo copy docker://docker.io/{repository}{sep}{ref} "
+            f"docker://{target.host}/{repository}{sep}{ref}`), or set base_image to an "
+            "image the registry holds."
+        )
+    return session.manifest(repository, ref)
+
+
 @dataclass(frozen=True)
 class Pushed:
     """An environment image in the registry."""
@@ -532,8 +574,8 @@ def push_environment(
         is elsewhere.
     """
     target = session.target
-    base_repo, base_ref = base_location(base_image, base_digest, target)
-    base = session.manifest(base_repo, base_ref)
+    base_repo, _ = base_location(base_image, base_digest, target)
+    base = base_manifest(session, base_image, base_digest)
     base_config = json.loads(session.blob(base_repo, base["config"]["digest"]))
     blobs = [
         layer_blob(folder, layer, work / f"layer-{i}.tar.gz")

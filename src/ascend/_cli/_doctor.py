@@ -156,8 +156,13 @@ async def check_registry(settings: _config.Settings) -> Check:
             _registry.lookup, session, target.repository, "ascend-doctor-probe"
         )
     except AscendError as exc:
-        return Check("registry", False, str(exc).split(". Fix:")[0], "see the message's fix")
-    return Check("registry", True, f"{settings.registry}: reachable, reads allowed")
+        detail, _, fix = str(exc).partition(". Fix: ")
+        return Check("registry", False, detail, fix.rstrip(".") or "check the registry setting")
+    return Check(
+        "registry",
+        True,
+        f"{settings.registry}: reachable, reads allowed (push rights are not checked)",
+    )
 
 
 async def check_storage(settings: _config.Settings) -> list[Check]:

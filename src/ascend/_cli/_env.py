@@ -92,17 +92,12 @@ def build(
         )
     except AscendError as exc:
         raise guard(exc) from None
-    emit_object(
-        st,
-        {
-            "key": env.key,
-            "archive": env.archive,
-            "sha256": env.sha256,
-            "size": env.size,
-            "image": env.image,
-            "built": env.built,
-        },
+    where: dict[str, Any] = (
+        {"image": env.image}  # registry mode: the image is the environment
+        if env.image
+        else {"archive": env.archive, "sha256": env.sha256, "size": env.size}
     )
+    emit_object(st, {"key": env.key, **where, "built": env.built})
 
 
 def _gpu(value: str | None) -> int | str | list[str]:
@@ -117,7 +112,8 @@ def _gpu(value: str | None) -> int | str | list[str]:
 @app.command("list")
 @with_output
 def list_(ctx: typer.Context) -> None:
-    """Every environment in the storage, oldest first."""
+    """Every environment in the storage, oldest first (bucket mode: registry-mode images
+    are in the registry, tagged with their key)."""
     st = state(ctx)
     try:
         manifests = run(_environments.list_environments(st.settings()))

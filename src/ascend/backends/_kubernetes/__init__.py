@@ -24,11 +24,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import anyio
 from anyio.abc import TaskGroup
 
 from ascend._config import Settings
-from ascend._errors import AscendError, PermissionDenied, Unschedulable
+from ascend._errors import AscendError, ConfigError, PermissionDenied, Unschedulable
 from ascend._logging import logger
 from ascend.backends import ItemOutput, Job, JobObserver
 from ascend.backends._kubernetes import _decisions, _logs, _placement
@@ -682,6 +683,13 @@ class KubernetesBackend:
                 found = await ns.api.request("GET", path)
             except (ApiError, PermissionDenied):  # none, or not readable: no defaults
                 return {}
+            except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+                raise ConfigError(
+                    f"cannot reach the Kubernetes API server to read the cluster's package "
+                    f"index ({CLUSTER_DEFAULTS} in {ns.namespace}): {exc!r}. Fix: check the "
+                    "kubeconfig and context (network, VPN), or name the index yourself "
+                    "(index_url=... / find_links=...), which needs no cluster."
+                ) from exc
             ns.defaults = dict(found.get("data") or {})
             ns.defaults_read = time.monotonic()
         return ns.defaults

@@ -163,6 +163,7 @@ async def _ensure_image(
     found = await _registry.find_image(spec, registry)
     if found is not None:
         return found.ref
+    await _registry.check_base(spec, registry)  # before a build Job that would fail on it
     paths = envs.EnvPaths.of(settings, spec.key)
     try:  # where a failure's log goes; without presigned writes, only the pod's output
         failure: str | None = await envs.write_url(storage, paths.failure)
