@@ -477,9 +477,15 @@ def test_an_environment_fetch_past_startup_timeout_fails_the_call_with_startup_t
     fn().result(timeout=120)  # built and stored: only the fetch is left to time
     ascend.configure(startup_timeout=0.001)  # no unpack of an environment is that fast
     cold = fn.options(env={"ASCEND_ENV_CACHE": str(tmp_path / "cold-cache")})
-    with pytest.raises(ascend.StartupTimeout) as caught:
-        cold().result(timeout=60)
-    assert "startup_timeout=0.001 s" in str(caught.value)
+    # The bound covers this client's own look-up of the environment too: on a busy
+    # machine that can take longer than 1 ms, a StartupTimeout as well, but not the one
+    # this test is about. Try again then; the fetch's is the one asserted.
+    for _ in range(10):
+        with pytest.raises(ascend.StartupTimeout) as caught:
+            cold().result(timeout=60)
+        assert "startup_timeout=0.001 s" in str(caught.value)
+        if "was not ready within" not in str(caught.value):
+            break
     assert "fetching and unpacking the environment" in str(caught.value)
     assert "timeout was not touched" in str(caught.value)
 

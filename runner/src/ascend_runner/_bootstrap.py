@@ -34,10 +34,15 @@ from typing import NoReturn
 EXIT_UNAVAILABLE = 88
 EXIT_STARTUP_TIMEOUT = 90
 _work: list[str] = []  # the folder being unpacked into, removed when the time is up
+_expiring = threading.Event()  # the startup watchdog fired: it exits, with its own code
 PREFIX = "ascend-runner: "
 
 
 def fail(message: str) -> NoReturn:
+    if _expiring.is_set():
+        # The watchdog is removing the folder this thread was unpacking into (hence this
+        # failure): the process ends with the watchdog's startup-timeout code, not 88.
+        threading.Event().wait()
     print(PREFIX + "environment unavailable: " + message, file=sys.stderr, flush=True)
     sys.exit(EXIT_UNAVAILABLE)
 
@@ -119,6 +124,7 @@ def startup_watchdog(value: str | None, url: str) -> "threading.Timer | None":
         return None
 
     def expire() -> None:
+        _expiring.set()
         for work in _work:
             shutil.rmtree(work, ignore_errors=True)
         # A presigned URL's query is a credential: never print it.
