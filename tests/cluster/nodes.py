@@ -38,6 +38,21 @@ def _cgroup_controllers() -> list[Path]:
     ]
 
 
+def write_mirror(root: Path, registry: str, endpoint: str) -> Path:
+    """Make the containerd under ``root`` pull ``registry``'s images from ``endpoint``
+    (``host:port``, plain HTTP); containerd reads its hosts folder at every pull, so this
+    works on a running node too. Returns the registry's folder."""
+    folder = root / "certs.d" / registry
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hosts.toml").write_text(
+        f'server = "https://{registry}"\n\n'
+        f'[host."http://{endpoint}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+        "  skip_verify = true\n"
+    )
+    return folder
+
+
 class RealNode:
     """One kubelet + containerd "machine" (see the module docstring)."""
 
@@ -152,14 +167,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 """
         )
         for registry, endpoint in mirrors.items():
-            folder = root / "certs.d" / registry
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "hosts.toml").write_text(
-                f'server = "https://{registry}"\n\n'
-                f'[host."http://{endpoint}"]\n'
-                '  capabilities = ["pull", "resolve"]\n'
-                "  skip_verify = true\n"
-            )
+            write_mirror(root, registry, endpoint)
 
     def _write_cni_config(self) -> None:
         config = {

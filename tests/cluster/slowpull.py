@@ -136,18 +136,9 @@ class ThrottlingProxy:
 def add_mirror(nodes: Iterable[Any], host: str) -> list[Path]:
     """Let each node's containerd pull from ``host`` (``host:port``) over plain HTTP;
     returns the folders written (give them to :func:`remove_mirror`)."""
-    folders = []
-    for node in nodes:
-        folder = Path(node.root) / "certs.d" / host
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "hosts.toml").write_text(
-            f'server = "http://{host}"\n\n'
-            f'[host."http://{host}"]\n'
-            '  capabilities = ["pull", "resolve"]\n'
-            "  skip_verify = true\n"
-        )
-        folders.append(folder)
-    return folders
+    from tests.cluster.nodes import write_mirror
+
+    return [write_mirror(Path(node.root), host, host) for node in nodes]
 
 
 def remove_mirror(folders: Iterable[Path]) -> None:

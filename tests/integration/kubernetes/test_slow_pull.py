@@ -17,24 +17,12 @@ import pytest
 import ascend
 from tests.cluster import slowpull
 from tests.cluster.fixtures_k8s import K8sCluster, wait_until
+from tests.integration.kubernetes.test_startup import _add, _naps
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 LAYER_BYTES = 20 << 20
 RATE = 1 << 20  # bytes/s: the pull takes about 20 s
-
-
-@ascend.remote
-def _add(a: int, b: int) -> int:
-    return a + b
-
-
-@ascend.remote
-def _naps(seconds: float) -> str:
-    import time
-
-    time.sleep(seconds)
-    return "rested"
 
 
 @pytest.fixture
